@@ -1,0 +1,58 @@
+"""XLA-safe static KV cache for Hugging Face transformers.
+
+Importing this package imports neither torch, torch_xla nor transformers: the heavy
+modules are loaded on first use, so start-up hooks and pytest plugins stay cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from xla_cache_patch.errors import CacheOverflowError, UnsupportedVersionError, XlaCachePatchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from xla_cache_patch.metrics import count_compiles
+    from xla_cache_patch.registry import Status, apply, is_applied, patched, status, unapply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheOverflowError",
+    "Status",
+    "UnsupportedVersionError",
+    "XlaCachePatchError",
+    "apply",
+    "count_compiles",
+    "generate",
+    "is_applied",
+    "patched",
+    "status",
+    "unapply",
+]
+
+# name -> module that defines it; resolved lazily (PEP 562) so `import xla_cache_patch` stays light.
+_LAZY = {
+    "apply": "registry",
+    "unapply": "registry",
+    "is_applied": "registry",
+    "patched": "registry",
+    "status": "registry",
+    "Status": "registry",
+    "count_compiles": "metrics",
+    "generate": "fastgen",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xla_cache_patch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"xla_cache_patch.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,23 @@
+"""Exceptions, kept free of torch so that importing them costs nothing."""
+
+from __future__ import annotations
+
+
+class XlaCachePatchError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnsupportedVersionError(XlaCachePatchError, RuntimeError):
+    """The installed transformers is outside the supported range, or its cache code changed shape."""
+
+
+class CacheOverflowError(XlaCachePatchError, IndexError):
+    """A write would land past the cache's capacity: on XLA the scatter would drop it silently."""
+
+    def __init__(self, capacity: int, position: int, where: str = "StaticCache") -> None:
+        self.capacity = capacity
+        self.position = position
+        super().__init__(
+            f"{where}: position {position} is beyond the cache capacity of {capacity} slots "
+            f"(valid positions are 0..{capacity - 1}); allocate the cache with a larger max_cache_len"
+        )
