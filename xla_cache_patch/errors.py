@@ -21,3 +21,7 @@ class CacheOverflowError(XlaCachePatchError, IndexError):
             f"{where}: position {position} is beyond the cache capacity of {capacity} slots "
             f"(valid positions are 0..{capacity - 1}); allocate the cache with a larger max_cache_len"
         )
+
+
+class XlaCachePatchWarning(UserWarning):
+    """Something was not patched, or could not be unpatched cleanly; the program runs on."""
