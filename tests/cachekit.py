@@ -15,8 +15,15 @@ HEADS, HEAD_DIM = 2, 4
 
 
 def config(kind: str, layers: int = 2, window: int = 6) -> Any:
-    common = dict(vocab_size=64, hidden_size=HEADS * HEAD_DIM * 2, intermediate_size=32, num_hidden_layers=layers,
-                  num_attention_heads=HEADS * 2, num_key_value_heads=HEADS, max_position_embeddings=256)
+    common = dict(
+        vocab_size=64,
+        hidden_size=HEADS * HEAD_DIM * 2,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS * 2,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=256,
+    )
     if kind == "static":
         return transformers.LlamaConfig(**common)
     if kind == "sliding":
@@ -25,7 +32,9 @@ def config(kind: str, layers: int = 2, window: int = 6) -> Any:
     return cfg
 
 
-def _static_cache_kwargs(cls: type, batch: int, max_len: int, dtype: torch.dtype, device: Any) -> dict[str, Any]:
+def _static_cache_kwargs(
+    cls: type, batch: int, max_len: int, dtype: torch.dtype, device: Any
+) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
     if "max_batch_size" in params or "batch_size" in params or "max_cache_len" not in params:  # <= 4.55
         key = "batch_size" if "batch_size" in params and "max_batch_size" not in params else "max_batch_size"
@@ -33,12 +42,23 @@ def _static_cache_kwargs(cls: type, batch: int, max_len: int, dtype: torch.dtype
     return {"max_cache_len": max_len}
 
 
-def make_cache(kind: str, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device: Any = "cpu",
-               layers: int = 2, window: int = 6) -> Any:
+def make_cache(
+    kind: str,
+    batch: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+    device: Any = "cpu",
+    layers: int = 2,
+    window: int = 6,
+) -> Any:
     """A static, sliding-window or hybrid cache of the installed era, buffers on ``device``."""
     cfg = config(kind, layers, window)
     cls = cache_utils.StaticCache
-    if kind == "sliding" and hasattr(cache_utils, "SlidingWindowCache") and not hasattr(cache_utils, "StaticLayer"):
+    if (
+        kind == "sliding"
+        and hasattr(cache_utils, "SlidingWindowCache")
+        and not hasattr(cache_utils, "StaticLayer")
+    ):
         cls = cache_utils.SlidingWindowCache
     if kind == "sliding" and hasattr(cache_utils, "SlidingWindowCache") and _eager_layers():
         cls = cache_utils.SlidingWindowCache
@@ -49,8 +69,9 @@ def make_cache(kind: str, batch: int, max_len: int, dtype: torch.dtype = torch.f
         try:
             cache.early_initialization(batch, HEADS, HEAD_DIM, dtype, device)
         except TypeError:
-            cache.early_initialization(batch_size=batch, num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype,
-                                       device=device)
+            cache.early_initialization(
+                batch_size=batch, num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, device=device
+            )
     return cache
 
 
@@ -97,8 +118,16 @@ def steps(prefill: int, decode: int) -> list[Step]:
     return out
 
 
-def run(cache: Any, plan: list[Step], batch: int, dtype: torch.dtype, seed: int = 0, pos_dtype: torch.dtype = torch.int64,
-        device: Any = "cpu", window: int = 6) -> list[Any]:
+def run(
+    cache: Any,
+    plan: list[Step],
+    batch: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    pos_dtype: torch.dtype = torch.int64,
+    device: Any = "cpu",
+    window: int = 6,
+) -> list[Any]:
     """Feed ``plan`` through every layer's update; return every result and length read."""
     gen = torch.Generator().manual_seed(seed)
     out: list[Any] = []

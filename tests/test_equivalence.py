@@ -21,8 +21,17 @@ def _unpatched():
     xla_cache_patch.unapply()
 
 
-def _scenario(kind: str, batch: int, max_len: int, prefill: int, decode: int, dtype: torch.dtype,
-              mode: str | None, pos_dtype: torch.dtype = torch.int64, seed: int = 0) -> list:
+def _scenario(
+    kind: str,
+    batch: int,
+    max_len: int,
+    prefill: int,
+    decode: int,
+    dtype: torch.dtype,
+    mode: str | None,
+    pos_dtype: torch.dtype = torch.int64,
+    seed: int = 0,
+) -> list:
     cache = ck.make_cache(kind, batch, max_len, dtype)
     plan = ck.steps(prefill, decode)
     if mode is None:

@@ -219,7 +219,7 @@ ERAS: tuple[Era, ...] = (
             Target("StaticSlidingWindowLayer.update", "layer_sliding_update", _LAYER, True),
         ),
         left_alone=(("ChunkedSlidingLayer", "4.56: " + _CHUNKED),),
-        notes="sliding layers report a host-side cumulative_length: their get_seq_length is already sync-free",
+        notes="sliding layers report a host-side cumulative_length: get_seq_length is already sync-free",
     ),
     Era(
         name="counter-layers",

@@ -76,9 +76,17 @@ def states(buf: torch.Tensor, x: torch.Tensor, n: int | None, what: str) -> torc
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor to go into a {buf.dtype} cache, got {x.dtype}")
+        raise TypeError(
+            f"{what} must be a floating-point tensor to go into a {buf.dtype} cache, got {x.dtype}"
+        )
     b, h, _, d = buf.shape
-    if x.dim() != 4 or x.shape[0] != b or x.shape[1] != h or x.shape[3] != d or (n is not None and x.shape[2] != n):
+    if (
+        x.dim() != 4
+        or x.shape[0] != b
+        or x.shape[1] != h
+        or x.shape[3] != d
+        or (n is not None and x.shape[2] != n)
+    ):
         seq = "n" if n is None else str(n)
         raise ValueError(
             f"{what} has shape {tuple(x.shape)}; expected ({b}, {h}, {seq}, {d}) "
@@ -133,8 +141,13 @@ def window_indices(pos: torch.Tensor, length: int, shift_at: int) -> tuple[torch
 
 
 def window_write(
-    mode: str, k: torch.Tensor, v: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    pos: torch.Tensor, shift_at: int,
+    mode: str,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos: torch.Tensor,
+    shift_at: int,
 ) -> tuple[Pair, Pair]:
     """Sliding write of eras up to 4.55. Returns (the rolled tensors, the buffers' new content)."""
     roll, slots = window_indices(pos, k.shape[2], shift_at)
@@ -145,8 +158,9 @@ def window_write(
     return (new_k, new_v), (new_k, new_v)
 
 
-def window_prefill(mode: str, k: torch.Tensor, v: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   how: str) -> Pair:
+def window_prefill(
+    mode: str, k: torch.Tensor, v: torch.Tensor, key: torch.Tensor, value: torch.Tensor, how: str
+) -> Pair:
     """A prompt longer than the window keeps its last ``L`` states."""
     length = k.shape[2]
     op = add if how == "add" else replace
@@ -175,8 +189,14 @@ def _store(cache: Any, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None
 
 
 def list_static_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: Any = None,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    layer_idx: int,
+    cache_kwargs: Any = None,
 ) -> Pair:
     pos = _cache_position(cache_kwargs)
     k, v = self.key_cache[layer_idx], self.value_cache[layer_idx]
@@ -190,8 +210,17 @@ def list_static_update(
     return k, v
 
 
-def _list_window(mode: str, opts: Options, self: Any, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-                 key_states: torch.Tensor, value_states: torch.Tensor, pos: Any) -> Pair:
+def _list_window(
+    mode: str,
+    opts: Options,
+    self: Any,
+    layer_idx: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    pos: Any,
+) -> Pair:
     pos = positions(pos, k.device)
     key, value = kv(k, v, key_states, value_states, pos.shape[0])
     if pos.shape[0] > k.shape[2]:
@@ -203,8 +232,14 @@ def _list_window(mode: str, opts: Options, self: Any, layer_idx: int, k: torch.T
 
 
 def list_sliding_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: Any = None,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    layer_idx: int,
+    cache_kwargs: Any = None,
 ) -> Pair:
     pos = _cache_position(cache_kwargs)
     k, v = self.key_cache[layer_idx], self.value_cache[layer_idx]
@@ -214,8 +249,16 @@ def list_sliding_update(
 
 
 def hybrid_static_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any, cache_position: Any, layer_idx: int,
-    key_states: torch.Tensor, value_states: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    cache_position: Any,
+    layer_idx: int,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
     max_cache_len: int,
 ) -> Pair:
     if cache_position is None:
@@ -229,8 +272,16 @@ def hybrid_static_update(
 
 
 def hybrid_sliding_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any, cache_position: Any, layer_idx: int,
-    key_states: torch.Tensor, value_states: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    cache_position: Any,
+    layer_idx: int,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
     max_cache_len: int,
 ) -> Pair:
     if cache_position is None or k_out.shape[2] != max_cache_len:
@@ -239,8 +290,14 @@ def hybrid_sliding_update(
 
 
 def hybrid_dispatch_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: Any = None,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    layer_idx: int,
+    cache_kwargs: Any = None,
 ) -> Pair:
     """HybridCache.update of 4.52-4.53 (functional mode): the layer kind picks the write."""
     pos = _cache_position(cache_kwargs)
@@ -264,7 +321,11 @@ def list_seq_length(
     mode: str, opts: Options, wrapped: Callable[..., Any], self: Any, layer_idx: int | None = 0
 ) -> Any:
     index = 0 if layer_idx is None else layer_idx
-    if (opts.get("layer0_only") and index != 0) or index >= len(self.key_cache) or _on_meta(self.key_cache[index]):
+    if (
+        (opts.get("layer0_only") and index != 0)
+        or index >= len(self.key_cache)
+        or _on_meta(self.key_cache[index])
+    ):
         return wrapped(layer_idx)
     return occupied_length(self.key_cache[index])
 
@@ -273,8 +334,14 @@ def list_seq_length(
 
 
 def helper_static_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], k_cache: torch.Tensor, v_cache: torch.Tensor,
-    key_states: torch.Tensor, value_states: torch.Tensor, cache_position: Any,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    cache_position: Any,
 ) -> Pair:
     if cache_position is None:
         return wrapped(k_cache, v_cache, key_states, value_states, cache_position)
@@ -285,8 +352,15 @@ def helper_static_update(
 
 
 def helper_sliding_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], k_cache: torch.Tensor, v_cache: torch.Tensor,
-    key_states: torch.Tensor, value_states: torch.Tensor, cache_position: Any, max_cache_len: int,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    cache_position: Any,
+    max_cache_len: int,
 ) -> Pair:
     if k_cache.shape[2] != max_cache_len:
         return wrapped(k_cache, v_cache, key_states, value_states, cache_position, max_cache_len)
@@ -322,16 +396,22 @@ def _layer_store(self: Any, k: torch.Tensor, v: torch.Tensor) -> Pair:
     return self.keys, self.values
 
 
-def _layer_write(mode: str, self: Any, key_states: torch.Tensor, value_states: torch.Tensor,
-                 pos: torch.Tensor) -> Pair:
+def _layer_write(
+    mode: str, self: Any, key_states: torch.Tensor, value_states: torch.Tensor, pos: torch.Tensor
+) -> Pair:
     key, value = kv(self.keys, self.values, key_states, value_states, pos.shape[0])
     check_bounds(pos, self.keys.shape[2], type(self).__name__)
     return _layer_store(self, write(mode, self.keys, pos, key), write(mode, self.values, pos, value))
 
 
 def layer_static_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: Any = None,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    cache_kwargs: Any = None,
 ) -> Pair:
     pos = _cache_position(cache_kwargs)
     if pos is None and opts.get("moves_device"):  # 4.54-4.55 copy the whole buffer then
@@ -343,8 +423,14 @@ def layer_static_update(
 
 
 def layer_counter_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> Pair:
     """5.4+: the position is the device counter ``cumulative_length``, never a host value."""
     _ensure_layer(self, key_states, value_states, opts)
@@ -355,8 +441,9 @@ def layer_counter_update(
     return result
 
 
-def layer_seq_length(mode: str, opts: Options, wrapped: Callable[..., Any], self: Any, *args: Any,
-                     **kwargs: Any) -> Any:
+def layer_seq_length(
+    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
     if args or kwargs.get("cache_position") is not None:  # 4.54-4.55 answer from the positions
         return wrapped(*args, **kwargs)
     if not getattr(self, "is_initialized", True) or getattr(self, "keys", None) is None:
@@ -365,8 +452,13 @@ def layer_seq_length(mode: str, opts: Options, wrapped: Callable[..., Any], self
 
 
 def layer_window_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: Any = None,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    cache_kwargs: Any = None,
 ) -> Pair:
     """SlidingWindowLayer of 4.54-4.55: rolls on the device like 4.52's helper, returns the buffers."""
     pos = _cache_position(cache_kwargs)
@@ -383,8 +475,13 @@ def layer_window_update(
 
 
 def layer_window_roll_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: Any = None,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    cache_kwargs: Any = None,
 ) -> Pair:
     """SlidingWindowLayer of 4.56: host-side counter; a full window rolls by one."""
     pos = _cache_position(cache_kwargs)
@@ -409,8 +506,14 @@ def layer_window_roll_update(
 
 
 def layer_sliding_update(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any,
-    key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+    mode: str,
+    opts: Options,
+    wrapped: Callable[..., Any],
+    self: Any,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> Pair:
     """StaticSlidingWindowLayer (4.57+): host-side counter decides fill / roll / overflow-by-concat."""
     counter = opts.get("counter", "cumulative_length")
@@ -437,7 +540,10 @@ def layer_sliding_update(
         )
         return full_k, full_v
     if opts.get("device_counter"):
-        pos = torch.arange(n, device=self.keys.device, dtype=torch.int64) + self.cumulative_length.reshape(-1)[:1]
+        pos = (
+            torch.arange(n, device=self.keys.device, dtype=torch.int64)
+            + self.cumulative_length.reshape(-1)[:1]
+        )
         result = _layer_write(mode, self, key, value, pos)
         self.cumulative_length.add_(n)
         return result

@@ -124,12 +124,17 @@ def _resolve(module: ModuleType, target: eras.Target) -> _Resolved | str | None:
     missing = [p for p in target.params if p not in params]
     if missing:
         return f"{target.name}: parameters {missing} not found in {tuple(params)}"
-    return _Resolved(target.name, owner, attr, saved, func, target.kind, dict(target.options), owner is not module)
+    return _Resolved(
+        target.name, owner, attr, saved, func, target.kind, dict(target.options), owner is not module
+    )
 
 
 def _left_alone(module: ModuleType, era: eras.Era) -> tuple[str, ...]:
-    found = [f"{module.__name__}:{what} ({why})" for what, why in era.left_alone
-             if isinstance(getattr(module, what.split(".")[0], None), type)]
+    found = [
+        f"{module.__name__}:{what} ({why})"
+        for what, why in era.left_alone
+        if isinstance(getattr(module, what.split(".")[0], None), type)
+    ]
     layer = getattr(module, "StaticLayer", None)
     if isinstance(layer, type):  # model-specific layers that override update (5.20+)
         seen, todo = set(), list(layer.__subclasses__())
@@ -161,8 +166,10 @@ def _plan(mode: str, generate: bool, module: ModuleType | None = None, version: 
             return plan
     era = eras.detect(module)
     if era is None:
-        plan.reason = (f"transformers {version}: its cache code does not have a shape this version of "
-                       "xla-cache-patch knows (no era matched)")
+        plan.reason = (
+            f"transformers {version}: its cache code does not have a shape this version of "
+            "xla-cache-patch knows (no era matched)"
+        )
         return plan
     plan.era = era.name
     for target in era.targets_for(mode):
@@ -264,6 +271,7 @@ def apply(*, mode: str = "inplace", strict: bool = False, generate: bool = True)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     global _generate
+    _import_first()
     with _lock:
         if _installed and _slot is not None:
             if generate == _generate and _same_targets(mode):
@@ -280,6 +288,18 @@ def apply(*, mode: str = "inplace", strict: bool = False, generate: bool = True)
         _generate = generate
         log.debug("applied (%s, %s): %s", plan.era, mode, [e.name for e in plan.resolved])
         return True
+
+
+def _import_first() -> None:
+    """Import the cache module before taking the lock and reading state: the start-up hook
+    (``XLA_CACHE_PATCH``) fires inside that import and applies first, so this call only sees it."""
+    version = transformers_version()
+    if version is None or not eras.is_supported(version) or eras.CACHE_MODULE in sys.modules:
+        return
+    try:
+        importlib.import_module(eras.CACHE_MODULE)
+    except Exception:  # reported by _plan with the reason
+        return
 
 
 def _same_targets(mode: str) -> bool:
@@ -353,7 +373,7 @@ def status(mode: str | None = None) -> Status:
         )
 
 
-class patched:  # noqa: N801 - used like a function: ``with patched():`` / ``@patched()``
+class patched:
     """Apply for a block, a function or between ``start()`` and ``stop()``; nesting-safe.
 
     Each exit puts back the state found at its entry: the outermost one unpatches, an inner one
@@ -365,6 +385,7 @@ class patched:  # noqa: N801 - used like a function: ``with patched():`` / ``@pa
         self._prior: list[tuple[bool, str | None, bool]] = []
 
     def start(self) -> bool:
+        _import_first()
         with _lock:
             self._prior.append((is_applied(), _slot.mode if _slot else None, _generate))
             try:

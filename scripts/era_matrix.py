@@ -1,0 +1,86 @@
+"""Run the core suite against one transformers release per era, each installed side by side.
+
+    python scripts/era_matrix.py [--cache .era-cache] [--only 4.46.3,...]
+
+Each version goes into its own folder with ``pip install --target`` (reused when present) and the
+suite runs with that folder first on PYTHONPATH, so the main environment is never touched.
+The installed transformers covers the newest era (counter-layers) in the main suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ERA_VERSIONS = {
+    "slice-write": "4.42.4",
+    "index-copy": "4.46.3",
+    "helper-functions": "4.53.3",
+    "eager-layers": "4.55.4",
+    "lazy-layers": "4.57.6",
+}
+SUITE = [
+    "tests/test_equivalence.py",
+    "tests/test_bad_input.py",
+    "tests/test_registry.py",
+    "tests/test_xla_decode.py",
+]
+
+
+def install(version: str, cache: Path) -> Path:
+    target = cache / version
+    if not (target / "transformers" / "__init__.py").exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--target",
+                str(target),
+                f"transformers=={version}",
+            ],
+            check=True,
+        )
+    return target
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("XLA_CACHE_PATCH_ERA_CACHE", ROOT / ".era-cache"))
+    )
+    ap.add_argument("--only", default="", help="comma-separated versions")
+    args = ap.parse_args()
+    wanted = set(filter(None, args.only.split(",")))
+    results: list[tuple[str, str, int]] = []
+    for era, version in ERA_VERSIONS.items():
+        if wanted and version not in wanted:
+            continue
+        print(f"=== {era}: transformers {version}", flush=True)
+        folder = install(version, args.cache)
+        env = {
+            **os.environ,
+            "PJRT_DEVICE": os.environ.get("PJRT_DEVICE", "CPU"),
+            "XLA_CACHE_PATCH": "0",
+            "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)]),
+        }
+        code = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITE], cwd=ROOT, env=env
+        ).returncode
+        results.append((era, version, code))
+    print("\n| era | transformers | suite |\n|---|---|---|")
+    for era, version, code in results:
+        print(f"| {era} | {version} | {'passed' if code == 0 else f'FAILED (exit {code})'} |")
+    failed = sum(code != 0 for *_, code in results)
+    print(f"era matrix: {len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

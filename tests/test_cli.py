@@ -1,0 +1,352 @@
+"""The ``xla-cache-patch`` command: parsing, doctor's failure reports, and a small real bench.
+
+The bench and live-probe tests spawn XLA:CPU workers (each a few seconds of compile); the rest
+runs in-process without torch_xla. No test asserts a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xla_cache_patch import bench, cli, doctor
+
+ROOT = Path(__file__).resolve().parent.parent
+HAVE_XLA = (
+    importlib.util.find_spec("torch_xla") is not None and importlib.util.find_spec("transformers") is not None
+)
+needs_xla = pytest.mark.skipif(not HAVE_XLA, reason="needs torch_xla and transformers")
+
+ROW_SCHEMA = {
+    "variant": str,
+    "new_tokens": int,
+    "compiles": int,
+    "executions": int,
+    "aliased_buffers": int,
+    "tokens_match_cpu": bool,
+    "wall_s": float,
+    "ms_per_token": float,
+    "execute_ms_per_step": float,
+}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    env.setdefault("PJRT_DEVICE", "CPU")
+    env.update(extra)
+    return env
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def test_bench_arguments_parse() -> None:
+    args = cli.build_parser().parse_args(
+        ["bench", "--new-tokens", "4,16", "--variants", "loop-stock,generate-patched", "--spmd", "4"]
+    )
+    assert args.command == "bench"
+    assert args.new_tokens == [4, 16]
+    assert args.variants == ["loop-stock", "generate-patched"]
+    assert args.spmd == 4
+    defaults = cli.build_parser().parse_args(["bench"])
+    assert defaults.new_tokens == [8, 32, 128]
+    assert defaults.variants == list(bench.VARIANTS)
+
+
+@pytest.mark.parametrize("bad", [["bench", "--variants", "loop-bogus"], ["bench", "--new-tokens", "0"], []])
+def test_bad_arguments_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(bad)
+    assert exc.value.code == 2
+    assert "usage: xla-cache-patch" in capsys.readouterr().err
+
+
+def test_cli_import_loads_no_torch() -> None:
+    """``--help`` must stay instant: the CLI module may not import torch, torch_xla or transformers."""
+    code = (
+        "import sys, xla_cache_patch.cli; "
+        "print([m for m in ('torch', 'torch_xla', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "xla_cache_patch", "--help"], env=_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "doctor" in out.stdout and "bench" in out.stdout
+
+
+# --- bench planning and output ---------------------------------------------------------------
+
+
+def test_stock_generate_is_capped_and_deduplicated() -> None:
+    jobs = bench.plan_jobs(["generate-stock", "loop-stock"], [8, 32, 128], cap=16)
+    stock = [(j.requested, j.new_tokens, j.capped) for j in jobs if j.variant == "generate-stock"]
+    assert stock == [(8, 8, False), (32, 16, True), (128, 16, True)]
+    assert all(not j.capped for j in jobs if j.variant == "loop-stock")
+    assert [j.new_tokens for j in bench.plan_jobs(["generate-stock"], [32], cap=0)] == [32]
+
+
+def _row(variant: str, n: int, **extra: object) -> dict[str, object]:
+    row = {
+        "variant": variant,
+        "new_tokens": n,
+        "compiles": 2,
+        "executions": n,
+        "aliased_buffers": 6,
+        "tokens_match_cpu": True,
+        "wall_s": 1.0,
+        "ms_per_token": 5.0,
+        "execute_ms_per_step": 0.5,
+        "host_overhead": 10.0,
+    }
+    row.update(extra)
+    return row
+
+
+def test_table_is_markdown_and_says_what_was_capped() -> None:
+    rows = [
+        _row("generate-stock", 16, requested_new_tokens=32, capped=True),
+        _row("loop-inplace", 8, tokens_match_cpu=False),
+        {"variant": "loop-functional", "new_tokens": 8, "error": "timed out after 5s"},
+    ]
+    table = bench.format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | new tokens | compiles |")
+    assert lines[1].startswith("|---|")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "16 (capped from 32)" in lines[2]
+    assert "**NO**" in lines[3]
+    assert "error: timed out" in lines[4]
+    assert "capped at 16" in bench.table_notes(rows)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    assert cli.main(["bench", "--plot", "x.png", "--variants", "loop-stock"]) == 2
+    assert "pip install 'xla-cache-patch[bench]'" in capsys.readouterr().err
+
+
+def test_spmd_without_sharding_hook_says_not_available(capsys: pytest.CaptureFixture[str]) -> None:
+    if importlib.util.find_spec("xla_cache_patch.spmd") is not None:
+        pytest.skip("the SPMD hook exists in this build")
+    assert cli.main(["bench", "--spmd", "2", "--variants", "loop-stock", "--new-tokens", "4"]) == 2
+    assert "SPMD sharding is not available" in capsys.readouterr().err
+
+
+def test_worker_env_defaults_to_cpu_and_sets_device_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    env = bench.worker_env(4)
+    assert env["PJRT_DEVICE"] == "CPU"
+    assert env["CPU_NUM_DEVICES"] == "4"
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert env["XLA_CACHE_PATCH"] == "0"
+    args = cli.build_parser().parse_args(["bench", "--spmd", "4", "--layers", "3"])
+    cmd = " ".join(bench.worker_command(bench.Job("loop-stock", 4, 4), args, "row.json"))
+    assert "--variant loop-stock --new-tokens 4 --out row.json --spmd 4" in cmd
+    assert cmd.endswith("--layers 3 --hidden 64")
+
+
+def test_plot_writes_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [_row("loop-stock", 8), _row("loop-stock", 32), _row("loop-inplace", 8)]
+    bench.write_plot(tmp_path / "b.png", rows)
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- doctor ----------------------------------------------------------------------------------
+
+
+def _doctor(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], versions: dict
+) -> tuple[int, str]:
+    real = doctor.version_of
+    monkeypatch.setattr(doctor, "version_of", lambda dist: versions[dist] if dist in versions else real(dist))
+    code = cli.main(["doctor", "--no-probe"])
+    return code, capsys.readouterr().out
+
+
+def test_doctor_fails_when_torch_xla_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _doctor(monkeypatch, capsys, {"torch_xla": None})
+    assert code == 1
+    assert "FAIL  torch_xla" in out
+    assert "fix: pip install 'xla-cache-patch[xla]'" in out
+    assert "problem(s): torch_xla" in out
+
+
+def test_doctor_fails_on_unsupported_transformers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _doctor(monkeypatch, capsys, {"torch": None, "transformers": "4.30.0"})
+    assert code == 1
+    assert "4.30.0 is outside the supported range" in out
+    assert "fix: pip install 'transformers" in out
+
+
+def test_doctor_fails_on_mismatched_torch_and_torch_xla(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _doctor(monkeypatch, capsys, {"torch": "2.8.0", "torch_xla": "2.9.0", "transformers": None})
+    assert code == 1
+    assert "torch 2.8.0 with torch_xla 2.9.0" in out
+    assert "pip install torch==2.9.0" in out
+
+
+def test_doctor_flags_env_var_without_startup_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "startup_files", lambda: [])
+    checks = doctor.check_activation({"XLA_CACHE_PATCH": "1"})
+    failed = [c for c in checks if c.ok is False]
+    assert len(failed) == 1
+    assert "no start-up hook is installed" in failed[0].detail
+    assert "xla_cache_patch.auto" in failed[0].fix
+    assert not [c for c in doctor.check_activation({"XLA_CACHE_PATCH": "0"}) if c.ok is False]
+    assert [c for c in doctor.check_activation({"XLA_CACHE_PATCH": "maybe"}) if c.ok is False]
+
+
+def test_doctor_reports_unimportable_torch_xla(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed per metadata but broken on import: the device listing fails with the error and a fix."""
+    (tmp_path / "torch_xla").mkdir()
+    (tmp_path / "torch_xla" / "__init__.py").write_text("raise ImportError('libtpu missing (simulated)')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    check = doctor.check_devices(timeout=120)
+    assert check.ok is False
+    assert "libtpu missing (simulated)" in check.detail
+    assert "PJRT_DEVICE" in check.fix
+
+
+def test_probe_failures_become_failed_checks() -> None:
+    row = {"compiles_per_step": [1, 1, 0, 1], "compiles_after_warmup": 1, "steady_compiles": 0}
+    row.update(aliased_buffers=0, tokens_match_cpu=False)
+    checks = doctor.probe_checks(row)
+    assert [c.ok for c in checks] == [False, False, False]
+    assert all(c.fix for c in checks)
+    good = dict(row, compiles_after_warmup=0, aliased_buffers=6, tokens_match_cpu=True)
+    assert all(c.ok for c in doctor.probe_checks(good))
+
+
+@needs_xla
+@pytest.mark.xla
+@pytest.mark.slow
+def test_doctor_live_probe_passes() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "xla_cache_patch", "doctor"],
+        env=_env(XLA_CACHE_PATCH="0"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "ok    probe: no compile after warm-up" in out.stdout
+    assert "ok    probe: tokens equal CPU eager" in out.stdout
+    assert "all checks passed" in out.stdout
+
+
+# --- a real, small bench ---------------------------------------------------------------------
+
+
+@needs_xla
+@pytest.mark.xla
+@pytest.mark.slow
+def test_small_bench_writes_rows_matching_the_schema(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "xla_cache_patch", "bench", "--new-tokens", "4"]
+    cmd += ["--variants", "loop-stock,loop-inplace", "--json", str(out_json)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "| variant | new tokens |" in proc.stdout
+    assert "2/2" in proc.stderr  # the progress bar reached the end
+
+    data = json.loads(out_json.read_text())
+    assert data["environment"]["transformers"]
+    assert data["environment"]["xla_devices"] >= 1
+    rows = data["rows"]
+    assert [(r["variant"], r["new_tokens"]) for r in rows] == [("loop-stock", 4), ("loop-inplace", 4)]
+    for row in rows:
+        for key, kind in ROW_SCHEMA.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert row["tokens_match_cpu"] is True
+        assert row["compiles"] >= 1 and row["executions"] >= 4
+        assert row["steady_compiles"] == 0
+        assert "error" not in row
+    assert [r["patched"] for r in rows] == [False, True]
+
+
+# --- the shared tiny-model helpers -----------------------------------------------------------
+
+
+_CALLS: list[dict[str, object]] = []
+
+
+class _Cache456:  # >= 4.56: keywords; a third positional would mean offloading
+    def __init__(
+        self, config: object, max_cache_len: int, offloading: bool = False, **kwargs: object
+    ) -> None:
+        _CALLS.append(dict(kwargs, max_cache_len=max_cache_len, offloading=offloading))
+
+
+class _Cache451:  # 4.51-4.55
+    def __init__(
+        self,
+        config: object,
+        max_batch_size: int,
+        max_cache_len: int = 0,
+        device: object = None,
+        dtype: object = None,
+    ) -> None:
+        _CALLS.append({"max_batch_size": max_batch_size, "max_cache_len": max_cache_len, "device": device})
+
+
+class _Cache445:  # 4.45-4.50
+    def __init__(
+        self,
+        config: object,
+        batch_size: int | None = None,
+        max_cache_len: int = 0,
+        device: object = None,
+        dtype: object = None,
+        max_batch_size: int | None = None,
+    ) -> None:
+        _CALLS.append(
+            {"batch_size": batch_size, "max_batch_size": max_batch_size, "max_cache_len": max_cache_len}
+        )
+
+
+@needs_xla
+@pytest.mark.parametrize(
+    ("fake", "expected"),
+    [
+        (_Cache456, {"max_cache_len": 64, "offloading": False}),
+        (_Cache451, {"max_batch_size": 1, "max_cache_len": 64, "device": "cpu"}),
+        (_Cache445, {"max_batch_size": 1, "batch_size": None, "max_cache_len": 64}),
+    ],
+)
+def test_static_cache_constructor_follows_the_signature(
+    monkeypatch: pytest.MonkeyPatch, fake: type, expected: dict[str, object]
+) -> None:
+    import transformers
+
+    from xla_cache_patch import tiny
+
+    monkeypatch.setattr(transformers, "StaticCache", fake)
+    _CALLS.clear()
+    tiny.make_static_cache(object(), 64)
+    (call,) = _CALLS
+    assert {k: call[k] for k in expected} == expected

@@ -1,0 +1,237 @@
+"""The XLA fast path of ``model.generate`` (issue #4).
+
+XLA scenarios run ``tests/xla_scripts/gen_cases.py`` in a fresh process each (every compiled graph costs
+XLA:CPU memory maps, and the fallbacks run transformers' own generate, which compiles a graph per step);
+the reference is transformers' generate on CPU eager, computed in that process before the patch.
+The planning tests at the bottom need neither torch_xla nor a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "xla_scripts" / "gen_cases.py"
+ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
+
+
+def run_case(*args: str, era: Path | None = None, timeout: int = 600) -> dict[str, Any]:
+    pytest.importorskip("torch_xla")
+    env = dict(os.environ)
+    env["PJRT_DEVICE"] = "CPU"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(p) for p in (era, ROOT) if p is not None] + [env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.xla
+@pytest.mark.slow
+def test_greedy_matches_cpu_generate(model: str, batch: int) -> None:
+    args = ["greedy", "--model", model, "--batch", str(batch), "--new-tokens", "20"]
+    result = run_case(*args, *(["--eos"] if batch > 1 else []))
+    assert result["took"] == ["fast"]
+    assert result["match"], (result["got"], result["ref"])
+    if batch > 1:  # the eos stops row 0 early (padding after it) while the others run to the end
+        assert result["stopped_rows"] == [0]
+        assert result["ref_len"] == 8 + 20
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_min_new_tokens_holds_eos_back() -> None:
+    plain = run_case("greedy", "--batch", "3", "--eos", "--new-tokens", "12")
+    held = run_case("greedy", "--batch", "3", "--eos", "--new-tokens", "12", "--min-new-tokens", "10")
+    assert held["took"] == ["fast"] and held["match"], (held["got"], held["ref"])
+    assert held["ref"] != plain["ref"]  # the minimum changed what transformers generates
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+@pytest.mark.xla
+@pytest.mark.slow
+@pytest.mark.skipif(not ERA_4_46.is_dir(), reason="transformers 4.46.3 not installed in .era-cache")
+def test_greedy_matches_cpu_generate_transformers_4_46(model: str) -> None:
+    result = run_case("greedy", "--model", model, "--batch", "3", "--eos", "--new-tokens", "16", era=ERA_4_46)
+    assert result["transformers"] == "4.46.3"
+    assert result["took"] == ["fast"]
+    assert result["match"] and result["stopped_rows"] == [0]
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_compiles_per_call_do_not_grow_with_new_tokens() -> None:
+    counts = {}
+    for tokens in (8, 32, 128):
+        result = run_case("compiles", "--new-tokens", str(tokens))
+        assert result["took"] == ["fast"] and result["match"]
+        counts[tokens] = result["compiles"]
+    assert len(set(counts.values())) == 1, counts
+    assert counts[8] <= 4, counts  # prefill (+ a mask read on 5.x) and one decode step; stock: ~1 per token
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_replayed_decode_step_matches_traced_one() -> None:
+    result = run_case("replay", "--batch", "3", "--new-tokens", "40")
+    assert result["took"] == ["fast", "fast"]
+    replayed, traced = result["runs"]["True"], result["runs"]["False"]
+    assert replayed["match"] and traced["match"]
+    assert replayed["replayed"] >= 30 and traced["replayed"] == 0
+    assert traced["compiles"] <= 1  # the traced step is the graph the replay compiled, or one more variant
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_sampling_seeded_valid_and_stops_at_eos() -> None:
+    result = run_case("sample", "--new-tokens", "16")
+    assert set(result["took"]) == {"fast"}
+    assert result["reproducible"] and result["seed_changes"] and result["params_change"]
+    assert result["in_vocab"]
+    assert result["compiles_new_values"] == 0  # temperature/top-k/top-p are device data
+    assert all(result["eos_rows_ok"]) and result["eos_len"] < result["full_len"]
+    assert result["top1_is_greedy"] and result["tiny_top_p_is_greedy"]
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+@pytest.mark.skipif(not ERA_4_46.is_dir(), reason="transformers 4.46.3 not installed in .era-cache")
+def test_sampling_transformers_4_46() -> None:
+    result = run_case("sample", "--new-tokens", "12", era=ERA_4_46)
+    assert set(result["took"]) == {"fast"} and result["reproducible"] and all(result["eos_rows_ok"])
+    assert result["top1_is_greedy"] and result["tiny_top_p_is_greedy"]
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_return_dict_scores_and_logits() -> None:
+    result = run_case("scores")
+    assert result["took"] == ["fast"]
+    assert result["type"] == "GenerateDecoderOnlyOutput" and result["match"]
+    assert result["n_scores"] == result["ref_n_scores"]
+    assert result["scores_close"] and result["logits_close"]
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_user_static_cache() -> None:
+    result = run_case("user-cache", "--batch", "3")
+    assert result["took"] == ["fast"] and result["match"]
+    assert "already holds" in result["second_call"]  # a filled cache is a continuation: transformers' job
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_unsupported_calls_fall_back_and_match() -> None:
+    result = run_case("fallback", "--new-tokens", "3")
+    expected = {
+        "num_beams": "num_beams=2",
+        "streamer": "streamer",
+        "repetition_penalty": "repetition_penalty",
+        "cpu_model": "not on an XLA device",
+        "dynamic_cache": "no static cache",
+    }
+    for name, reason in expected.items():
+        case = result["options"][name]
+        assert case["took"] == ["fallback"], (name, case)
+        assert case["match"], name
+        assert reason in case["reasons"][0], (name, case["reasons"])
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_function_form_and_no_recursion() -> None:
+    result = run_case("function-form", "--new-tokens", "3")
+    assert result["took_unwrapped"] == ["fast"] and result["match"]
+    # with generate wrapped too, the fallback of the function form runs the original once
+    assert result["took"] == ["fast", "fallback"] and result["beam_match"]
+
+
+# --- planning: no XLA needed -----------------------------------------------------------------------------
+
+
+def _tiny_cpu_model() -> Any:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_buckets() -> None:
+    from xla_cache_patch.fastgen_plan import cache_bucket, prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 8, 16, 17, 100)] == [16, 16, 16, 32, 128]
+    assert [cache_bucket(n) for n in (24, 144, 1024, 1025, 1600)] == [32, 256, 1024, 1536, 2048]
+
+
+def test_own_kwargs_are_validated_and_stripped() -> None:
+    from xla_cache_patch.fastgen_plan import Options, pop_own_kwargs
+
+    rest, options = pop_own_kwargs({"xla_eos_check_every": 3, "xla_replay": False, "max_new_tokens": 4})
+    assert rest == {"max_new_tokens": 4} and options == Options(3, False)
+    with pytest.raises(ValueError, match="xla_eos_check_every"):
+        pop_own_kwargs({"xla_eos_check_every": -1})
+
+
+def test_wrapper_falls_back_once_with_reason(caplog: pytest.LogCaptureFixture) -> None:
+    from xla_cache_patch import fastgen
+
+    model = _tiny_cpu_model()
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def wrapped(*args: Any, **kwargs: Any) -> str:
+        calls.append((args, kwargs))
+        return "stock"
+
+    ids = torch.tensor([[1, 2, 3]])
+    with caplog.at_level("DEBUG", logger="xla_cache_patch.fastgen"):
+        out = fastgen.generate_wrapper(
+            wrapped,
+            model,
+            (ids,),
+            {"max_new_tokens": 2, "xla_eos_check_every": 2, "cache_implementation": "static"},
+        )
+    assert out == "stock"
+    assert calls == [((ids,), {"max_new_tokens": 2, "cache_implementation": "static"})]
+    assert "not on an XLA device" in caplog.text
+
+
+def test_plan_reasons_on_cpu_model() -> None:
+    from xla_cache_patch import fastgen
+
+    model = _tiny_cpu_model()
+    reason = fastgen.plan(model, (torch.tensor([[1, 2]]),), {"cache_implementation": "static"})
+    assert isinstance(reason, str) and "XLA" in reason
+
+
+def test_function_form_falls_back_to_the_original_generate() -> None:
+    import xla_cache_patch
+
+    model = _tiny_cpu_model()
+    ids = torch.tensor([[1, 2, 3]])
+    ref = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    out = xla_cache_patch.generate(model, ids, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(out, ref)

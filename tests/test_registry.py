@@ -1,0 +1,239 @@
+"""Every order of import / apply / unapply / patched(), after dd-trace-py's PatchTestCase."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import wrapt
+
+import xla_cache_patch
+from xla_cache_patch import eras, registry
+from xla_cache_patch.errors import UnsupportedVersionError, XlaCachePatchWarning
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    xla_cache_patch.unapply()
+    yield
+    xla_cache_patch.unapply()
+
+
+def _attrs() -> dict[str, object]:
+    out = {}
+    for name in xla_cache_patch.status().targets:
+        module, path = name.split(":")
+        owner = sys.modules[module]
+        for part in path.split(".")[:-1]:
+            owner = getattr(owner, part)
+        out[name] = vars(owner).get(path.split(".")[-1])
+    return out
+
+
+def assert_not_double_wrapped() -> None:
+    for name, value in _attrs().items():
+        inner = getattr(value, "__wrapped__", None)
+        assert not isinstance(inner, wrapt.FunctionWrapper), f"{name} wrapped twice"
+
+
+def test_apply_unapply_restores_identity():
+    before = _attrs()
+    assert xla_cache_patch.apply() is True
+    assert all(isinstance(v, wrapt.FunctionWrapper) for v in _attrs().values())
+    assert xla_cache_patch.unapply() is True
+    assert _attrs() == before and all(_attrs()[k] is before[k] for k in before)
+
+
+def test_apply_twice_never_double_wraps():
+    assert xla_cache_patch.apply() and xla_cache_patch.apply()
+    assert_not_double_wrapped()
+    xla_cache_patch.unapply()
+    assert not xla_cache_patch.is_applied()
+
+
+def test_unapply_without_apply_is_noop():
+    assert xla_cache_patch.unapply() is False
+
+
+def test_apply_unapply_apply():
+    before = _attrs()
+    for _ in range(3):
+        assert xla_cache_patch.apply()
+        assert_not_double_wrapped()
+        assert xla_cache_patch.unapply()
+    assert all(_attrs()[k] is before[k] for k in before)
+
+
+def test_patched_nests_and_restores_mode():
+    with xla_cache_patch.patched() as outer:
+        assert outer.applied and outer.mode == "inplace"
+        with xla_cache_patch.patched(mode="functional") as inner:
+            assert inner.mode == "functional"
+        assert xla_cache_patch.status().mode == "inplace"
+        assert xla_cache_patch.is_applied()
+    assert not xla_cache_patch.is_applied()
+
+
+def test_patched_as_decorator_and_start_stop():
+    @xla_cache_patch.patched(mode="functional")
+    def inside():
+        return xla_cache_patch.status().mode
+
+    assert inside() == "functional" and not xla_cache_patch.is_applied()
+    p = xla_cache_patch.patched()
+    p.start()
+    assert xla_cache_patch.is_applied()
+    p.stop()
+    assert not xla_cache_patch.is_applied()
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        "import transformers.cache_utils; import xla_cache_patch as x; assert x.apply(); x.unapply()",
+        "import xla_cache_patch as x; assert x.apply(); import transformers.cache_utils; x.unapply()",
+        "import xla_cache_patch as x; x.unapply(); assert x.apply(); assert x.apply(); x.unapply()",
+        "import xla_cache_patch as x\nwith x.patched():\n    import transformers.cache_utils\n",
+    ],
+)
+def test_import_orders_in_fresh_process(order):
+    code = order + textwrap.dedent("""
+        import transformers.cache_utils as cu, inspect, wrapt
+        import xla_cache_patch as x
+        assert not x.is_applied()
+        for name, value in vars(cu).items():
+            if isinstance(value, type):
+                for attr in vars(value).values():
+                    assert not isinstance(attr, wrapt.FunctionWrapper), (name, attr)
+        print("clean")
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "XLA_CACHE_PATCH": "0"},
+    )
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_unsupported_version_refused_nothing_touched(monkeypatch):
+    before = _attrs() or {}
+    monkeypatch.setattr(registry, "transformers_version", lambda: "4.40.2")
+    with pytest.warns(XlaCachePatchWarning, match="outside the supported range"):
+        assert xla_cache_patch.apply() is False
+    with pytest.raises(UnsupportedVersionError, match=r"4\.40\.2"):
+        xla_cache_patch.apply(strict=True)
+    assert not xla_cache_patch.is_applied()
+    st = xla_cache_patch.status()
+    assert st.reason and not st.applied and st.targets == ()
+    monkeypatch.undo()
+    assert all(_attrs().get(k) is v for k, v in before.items())
+
+
+def test_future_shape_refused():
+    fake = types.ModuleType("transformers.cache_utils")
+
+    class StaticLayer:
+        def update(self, key_states, value_states, *args, **kwargs): ...
+
+    fake.StaticLayer = StaticLayer  # StaticSlidingWindowLayer gone, update renamed params: unknown shape
+    plan = registry._plan("inplace", False, module=fake, version="5.99.0")
+    assert plan.reason and "changed shape" in plan.reason and plan.resolved == []
+    plan = registry._plan("inplace", False, module=types.ModuleType("x"), version="5.99.0")
+    assert plan.reason and "no era matched" in plan.reason
+
+
+def test_inherited_target_is_deleted_again():
+    module = types.ModuleType("fake_cache")
+
+    class Base:
+        def update(self, key_states, value_states, cache_kwargs=None):
+            return "base"
+
+    class Child(Base):
+        pass
+
+    module.Child = Child
+    target = eras.Target("Child.update", "layer_static_update", module="fake_cache")
+    found = registry._resolve(module, target)
+    plan = registry._Plan("5.0", "fake", [found])
+    registry._install(plan, "inplace")
+    assert "update" in vars(Child)
+    registry._restore(list(registry._installed))
+    registry._installed.clear()
+    assert "update" not in vars(Child) and Child.update is Base.update
+
+
+def test_layered_wrapper_after_ours_keeps_working():
+    import transformers.cache_utils as cu
+
+    xla_cache_patch.apply(generate=False)
+    name = xla_cache_patch.status().targets[0]
+    cls_name, attr = name.split(":")[1].split(".")
+    owner = getattr(cu, cls_name)
+    seen = []
+
+    def tracer(wrapped, instance, args, kwargs):
+        seen.append(1)
+        return wrapped(*args, **kwargs)
+
+    wrapt.wrap_function_wrapper(owner, attr, tracer)
+    theirs = vars(owner)[attr]
+    with pytest.warns(XlaCachePatchWarning, match="cannot unwrap cleanly"):
+        xla_cache_patch.unapply()
+    assert vars(owner)[attr] is theirs  # theirs still in place, ours inside is a pass-through
+    setattr(owner, attr, theirs.__wrapped__.__wrapped__)  # tidy for other tests
+
+
+def test_layered_wrapper_before_ours_is_restored():
+    import transformers.cache_utils as cu
+
+    target = next(t for t in xla_cache_patch.status().targets if t.endswith(".update"))
+    cls_name, attr = target.split(":")[1].split(".")
+    owner = getattr(cu, cls_name)
+    original = vars(owner)[attr]
+    wrapt.wrap_function_wrapper(owner, attr, lambda w, i, a, k: w(*a, **k))
+    theirs = vars(owner)[attr]
+    assert xla_cache_patch.apply(generate=False)
+    assert vars(owner)[attr].__wrapped__ is theirs.__wrapped__ or vars(owner)[attr] is not theirs
+    xla_cache_patch.unapply()
+    assert vars(owner)[attr] is theirs
+    setattr(owner, attr, original)
+
+
+def test_threads_leave_consistent_state():
+    before = _attrs()
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(20):
+                if i % 3 == 0:
+                    with xla_cache_patch.patched():
+                        assert_not_double_wrapped()
+                elif i % 3 == 1:
+                    xla_cache_patch.apply(generate=False)
+                else:
+                    xla_cache_patch.unapply()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    xla_cache_patch.unapply()
+    assert all(_attrs()[k] is before[k] for k in before)

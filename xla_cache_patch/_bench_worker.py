@@ -1,0 +1,277 @@
+"""Run one bench variant in this process and write its row as JSON.
+
+Each variant gets a fresh process on purpose: every compiled graph of even the tiny model costs
+about 1,500 memory mappings on XLA:CPU, and a process that compiles ~40 graphs dies. The parent
+(``bench.py``) spawns this module, so it is the only place torch, torch_xla and transformers load.
+
+    python -m xla_cache_patch._bench_worker --variant loop-inplace --new-tokens 8 --out row.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from xla_cache_patch import tiny
+
+VARIANTS = ("generate-stock", "generate-patched", "loop-stock", "loop-inplace", "loop-functional")
+PATCH_MODE = {"generate-patched": "inplace", "loop-inplace": "inplace", "loop-functional": "functional"}
+WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
+SPMD_UNAVAILABLE = 3  # exit code: the sharding hook is not there
+SPMD_MISSING = "SPMD sharding is not available in this build (xla_cache_patch.spmd.shard_model is missing)"
+
+
+@dataclass
+class Counts:
+    """XLA metrics over one run."""
+
+    compiles: int = 0
+    executions: int = 0
+    aliased_buffers: int = 0
+    execute_time_ns: int = 0
+
+
+def _metric(met: Any, name: str, index: int) -> float:
+    data = met.metric_data(name)
+    return data[index] if data else 0
+
+
+@contextlib.contextmanager
+def _count() -> Iterator[Counts]:
+    """Count compiles/executions/aliasing inside the block, via ``count_compiles`` when present."""
+    counts = Counts()
+    try:
+        from xla_cache_patch import count_compiles
+    except ImportError:
+        count_compiles = None
+    if count_compiles is not None:
+        with count_compiles() as c:
+            yield counts
+        counts.compiles, counts.executions = int(c.compiles), int(c.executions)
+        counts.aliased_buffers, counts.execute_time_ns = int(c.aliased_buffers), int(c.execute_time_ns)
+        return
+    import torch_xla.debug.metrics as met
+
+    met.clear_all()
+    yield counts
+    counts.compiles = int(_metric(met, "CompileTime", 0))
+    counts.executions = int(_metric(met, "ExecuteTime", 0))
+    counts.aliased_buffers = int(_metric(met, "InputOutputAliasCount", 1))
+    counts.execute_time_ns = int(_metric(met, "ExecuteTime", 1))
+
+
+def _compile_counter() -> Callable[[], int]:
+    import torch_xla.debug.metrics as met
+
+    return lambda: int(_metric(met, "CompileTime", 0))
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    """The tiny default, or a local checkpoint (``local_files_only``: the bench never downloads)."""
+    if not args.model:
+        return tiny.tiny_model(args.layers, args.hidden)
+    from transformers import AutoModelForCausalLM
+
+    # float32 after loading: the dtype keyword changed name across releases (torch_dtype -> dtype).
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    return model.float().eval()
+
+
+def _fixed_length(model: Any) -> None:
+    """Never stop at EOS: every variant must make exactly the requested number of tokens."""
+    gen_config = getattr(model, "generation_config", None)
+    if gen_config is not None:
+        gen_config.eos_token_id = None
+        if gen_config.pad_token_id is None:
+            gen_config.pad_token_id = 0
+
+
+def _new_tokens_of(out: Any, prompt: Any) -> Any:
+    """Strip the prompt when ``generate`` returned it in front of the new tokens."""
+    import torch
+
+    out = out.cpu()
+    n = prompt.shape[1]
+    if out.shape[1] > n and torch.equal(out[:, :n], prompt):
+        return out[:, n:]
+    return out
+
+
+def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> tuple[Any, list[int]]:
+    """One generation of ``new_tokens`` tokens; returns them (CPU) and per-step compiles (loops)."""
+    if variant.startswith("loop-"):
+        sync = compiles = None
+        if on_xla:
+            import torch_xla
+
+            sync, compiles = torch_xla.sync, _compile_counter()
+        result = tiny.decode_loop(model, ids, new_tokens, sync=sync, compiles=compiles)
+        return result.tokens, result.step_compiles
+    device = next(model.parameters()).device
+    inputs = ids.to(device)
+    tiny.drop_model_cache(model)
+    # generate-patched calls the same public API: with apply(generate=True) it takes the fast path.
+    out = model.generate(inputs, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+    return _new_tokens_of(out, ids), []
+
+
+def _require_fast_path(variant: str) -> None:
+    """Fail before the CPU reference when the fast-path generate is not in this build."""
+    if variant == "generate-patched" and importlib.util.find_spec("xla_cache_patch.fastgen") is None:
+        raise RuntimeError("the fast-path generate (xla_cache_patch.fastgen) is not in this build")
+
+
+def _apply_patch(variant: str) -> dict[str, Any]:
+    """Apply the patch a variant asks for; fail loudly if it did not take."""
+    import xla_cache_patch
+
+    mode = PATCH_MODE.get(variant)
+    if mode is None:
+        if xla_cache_patch.is_applied():  # e.g. a start-up hook: "stock" must be stock
+            xla_cache_patch.unapply()
+        return {"patched": False, "mode": None}
+
+    ok = xla_cache_patch.apply(mode=mode, generate=variant.startswith("generate-"))
+    status = xla_cache_patch.status()
+    if not ok:
+        raise RuntimeError(f"xla_cache_patch.apply(mode={mode!r}) did not apply: {status.reason}")
+    return {"patched": True, "mode": mode}
+
+
+def _to_xla(model: Any, spmd: int) -> Any:
+    """Move to the XLA device; with ``spmd`` hand the model to the project's sharding hook."""
+    import torch_xla
+
+    if spmd:
+        import torch_xla.runtime as xr
+
+        from xla_cache_patch import spmd as spmd_hook
+
+        xr.use_spmd()
+        model = model.to(torch_xla.device())
+        return spmd_hook.shard_model(model, spmd) or model
+    return model.to(torch_xla.device())
+
+
+def _environment(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torch_xla
+    import torch_xla.runtime as xr
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_xla": torch_xla.__version__,
+        "transformers": transformers.__version__,
+        "pjrt_device": os.environ.get("PJRT_DEVICE"),
+        "xla_device_type": xr.device_type(),
+        "xla_devices": xr.global_runtime_device_count(),
+        "model": args.model or "tiny-llama",
+        "config": {
+            "layers": getattr(model.config, "num_hidden_layers", None),
+            "hidden": getattr(model.config, "hidden_size", None),
+            "vocab": getattr(model.config, "vocab_size", None),
+        },
+        "prompt_len": args.prompt_len,
+        "spmd": args.spmd,
+    }
+    with contextlib.suppress(Exception):
+        import xla_cache_patch
+
+        env["era"] = xla_cache_patch.status().era
+    return env
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU eager reference, then a cold and a steady XLA run of the same variant."""
+    import torch
+
+    _require_fast_path(args.variant)
+    row: dict[str, Any] = {"variant": args.variant, "new_tokens": args.new_tokens}
+    model = _load_model(args)
+    _fixed_length(model)
+    ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
+    with torch.no_grad():
+        reference, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=False)
+    tiny.drop_model_cache(model)
+    row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
+    model = _to_xla(model, args.spmd)
+
+    with torch.no_grad(), _count() as cold:
+        start = time.perf_counter()
+        tokens, step_compiles = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
+        wall = time.perf_counter() - start
+    with torch.no_grad(), _count() as steady:
+        start = time.perf_counter()
+        again, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
+        steady_wall = time.perf_counter() - start
+
+    ms_per_token = 1000 * steady_wall / args.new_tokens
+    exec_ms = steady.execute_time_ns / 1e6 / args.new_tokens
+    row.update(
+        compiles=cold.compiles,
+        executions=cold.executions,
+        aliased_buffers=cold.aliased_buffers,
+        tokens_match_cpu=bool(torch.equal(tokens, reference) and torch.equal(again, reference)),
+        wall_s=round(wall, 3),
+        ms_per_token=round(ms_per_token, 3),
+        execute_ms_per_step=round(exec_ms, 4),
+        host_overhead=round(ms_per_token / exec_ms, 2) if exec_ms > 0 else None,
+        steady_compiles=steady.compiles,
+        steady_executions=steady.executions,
+        compiles_per_step=step_compiles,
+        compiles_after_warmup=sum(step_compiles[WARMUP_STEPS:]) if step_compiles else None,
+        tokens=tokens[0].tolist(),
+        environment=_environment(model, args),
+    )
+    return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m xla_cache_patch._bench_worker")
+    p.add_argument("--variant", choices=VARIANTS, required=True)
+    p.add_argument("--new-tokens", type=int, required=True)
+    p.add_argument("--out", required=True, help="where to write the row as JSON")
+    p.add_argument("--model", default=None)
+    p.add_argument("--layers", type=int, default=tiny.DEFAULT_LAYERS)
+    p.add_argument("--hidden", type=int, default=tiny.DEFAULT_HIDDEN)
+    p.add_argument("--prompt-len", type=int, default=tiny.DEFAULT_PROMPT_LEN)
+    p.add_argument("--spmd", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.spmd and importlib.util.find_spec("xla_cache_patch.spmd") is None:
+        print(f"--spmd {args.spmd}: {SPMD_MISSING}", file=sys.stderr)
+        return SPMD_UNAVAILABLE
+    try:
+        row = measure(args)
+        code = 0
+    except Exception as exc:  # the row carries the error so the table still prints
+        traceback.print_exc()
+        row = {
+            "variant": args.variant,
+            "new_tokens": args.new_tokens,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+        code = 1
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(row, fh)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

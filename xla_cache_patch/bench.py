@@ -1,0 +1,423 @@
+"""``xla-cache-patch bench``: stock vs patched decode on XLA, one subprocess per measurement.
+
+A subprocess per (variant, new tokens) keeps each measurement's compile count honest and keeps
+XLA:CPU alive: every compiled graph costs ~1,500 memory mappings, and ~40 graphs kill a process.
+This module imports no torch; the workers (``_bench_worker``) do the measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from xla_cache_patch._bench_worker import SPMD_MISSING, SPMD_UNAVAILABLE, VARIANTS
+
+DEFAULT_NEW_TOKENS = (8, 32, 128)
+STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
+DEFAULT_TIMEOUT_S = 900.0
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One worker run; ``requested`` is what the user asked, ``new_tokens`` what runs (maybe capped)."""
+
+    variant: str
+    requested: int
+    new_tokens: int
+
+    @property
+    def capped(self) -> bool:
+        return self.new_tokens != self.requested
+
+
+def plan_jobs(variants: list[str], new_tokens: list[int], cap: int) -> list[Job]:
+    """Every (variant, new tokens) pair, with stock generate capped so it cannot exhaust XLA:CPU."""
+    return [
+        Job(v, n, min(n, cap) if v == "generate-stock" and cap > 0 else n)
+        for v in variants
+        for n in new_tokens
+    ]
+
+
+class Progress:
+    """A one-line progress bar on stderr; plain lines when stderr is not a terminal."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 20) -> None:
+        self.total, self.done, self.width = total, 0, width
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def _bar(self) -> str:
+        filled = round(self.width * self.done / self.total) if self.total else self.width
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
+
+    def tick(self, label: str, elapsed: float) -> None:
+        if self.tty:
+            self.stream.write(f"\r{self._bar()} {label} {elapsed:5.0f}s\033[K")
+            self.stream.flush()
+
+    def start(self, label: str) -> None:
+        if not self.tty:
+            self.stream.write(f"{self._bar()} {label} ...\n")
+            self.stream.flush()
+        self.tick(label, 0.0)
+
+    def finish(self, label: str, elapsed: float, note: str = "") -> None:
+        self.done += 1
+        line = f"{self._bar()} {label} {elapsed:.0f}s {note}".rstrip()
+        self.stream.write(("\r" + line + "\033[K\n") if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def worker_env(spmd: int) -> dict[str, str]:
+    """Child environment: an XLA device even if none is configured, the package importable."""
+    env = dict(os.environ)
+    env.setdefault("PJRT_DEVICE", "CPU")
+    if spmd and env["PJRT_DEVICE"].upper() == "CPU":
+        env["CPU_NUM_DEVICES"] = str(spmd)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env["XLA_CACHE_PATCH"] = "0"  # the worker patches explicitly; a start-up patch would skew "stock"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def worker_command(job: Job, args: argparse.Namespace, out: str) -> list[str]:
+    cmd = [sys.executable, "-m", "xla_cache_patch._bench_worker", "--variant", job.variant]
+    cmd += ["--new-tokens", str(job.new_tokens), "--out", out, "--spmd", str(args.spmd)]
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    else:
+        cmd += ["--layers", str(args.layers), "--hidden", str(args.hidden)]
+    return cmd
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_worker(
+    cmd: list[str], env: dict[str, str], timeout: float, progress: Progress, label: str
+) -> tuple[int | None, float, str]:
+    """Run one worker with a live timer; returns (exit code or None on timeout, seconds, log tail)."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        code: int | None = None
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - start
+                progress.tick(label, elapsed)
+                if elapsed > timeout:
+                    proc.kill()
+                    proc.wait()
+                    break
+    elapsed = time.monotonic() - start
+    tail = _tail(log_path)
+    log_path.unlink(missing_ok=True)
+    return code, elapsed, tail
+
+
+def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """Measure one job in a fresh process; a failed or timed-out worker becomes a row with ``error``."""
+    label = f"{job.variant} x{job.new_tokens}"
+    progress.start(label)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        code, elapsed, tail = run_worker(
+            worker_command(job, args, out), worker_env(args.spmd), args.timeout, progress, label
+        )
+        row: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            row = json.loads(Path(out).read_text(encoding="utf-8"))
+    if code == SPMD_UNAVAILABLE:
+        raise SystemExit(f"xla-cache-patch bench: {tail.splitlines()[-1] if tail else 'SPMD not available'}")
+    if code is None:
+        row = {"error": f"timed out after {args.timeout:.0f}s"}
+    elif code != 0 and "error" not in row:
+        row = {"error": f"worker exited with {code}: {tail.splitlines()[-1] if tail else ''}"}
+    row.update(variant=job.variant, new_tokens=job.new_tokens)
+    if "error" in row and tail:
+        row["log_tail"] = tail
+    progress.finish(label, elapsed, "FAILED: " + row["error"] if "error" in row else "")
+    return row
+
+
+def run_jobs(jobs: list[Job], args: argparse.Namespace, stream: TextIO | None = None) -> list[dict[str, Any]]:
+    """Run each distinct job once; capped duplicates reuse the row of the run they collapse to."""
+    distinct = list(dict.fromkeys((j.variant, j.new_tokens) for j in jobs))
+    progress = Progress(len(distinct), stream)
+    measured: dict[tuple[str, int], dict[str, Any]] = {}
+    for variant, n in distinct:
+        first = next(j for j in jobs if (j.variant, j.new_tokens) == (variant, n))
+        measured[(variant, n)] = run_job(first, args, progress)
+    rows = []
+    for job in jobs:
+        row = dict(measured[(job.variant, job.new_tokens)])
+        row.update(requested_new_tokens=job.requested, capped=job.capped)
+        rows.append(row)
+    return rows
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Host facts, merged with what the first successful worker saw (device count, era)."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "xla_cache_patch": _version("xla-cache-patch"),
+        "torch": _version("torch"),
+        "torch_xla": _version("torch_xla"),
+        "transformers": _version("transformers"),
+        "pjrt_device": worker_env(args.spmd)["PJRT_DEVICE"],
+        "spmd": args.spmd,
+        "stock_generate_cap": args.stock_generate_cap,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for row in rows:
+        if "environment" in row:
+            env.update(row["environment"])
+            break
+    return env
+
+
+def _strip(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "environment"}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**NO**"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+TABLE_COLUMNS = (
+    "variant",
+    "new tokens",
+    "compiles",
+    "executions",
+    "aliased KV buffers",
+    "tokens = CPU",
+    "wall s",
+    "ms/token",
+    "XLA exec ms/step",
+    "host overhead x",
+)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, ready to paste into the README."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        tokens = str(row["new_tokens"])
+        if row.get("capped"):
+            tokens = f"{row['new_tokens']} (capped from {row['requested_new_tokens']})"
+        if "error" in row:
+            cells = [row["variant"], tokens, f"error: {row['error']}"] + [""] * (len(TABLE_COLUMNS) - 3)
+        else:
+            cells = [
+                row["variant"],
+                tokens,
+                _fmt(row.get("compiles")),
+                _fmt(row.get("executions")),
+                _fmt(row.get("aliased_buffers")),
+                _fmt(row.get("tokens_match_cpu")),
+                _fmt(row.get("wall_s"), 1),
+                _fmt(row.get("ms_per_token"), 1),
+                _fmt(row.get("execute_ms_per_step"), 2),
+                _fmt(row.get("host_overhead"), 1),
+            ]
+        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def table_notes(rows: list[dict[str, Any]]) -> str:
+    """What the columns mean, and which rows were capped."""
+    notes = [
+        "compiles/executions/aliased KV buffers and wall s: first (cold) call in a fresh process;",
+        "ms/token, XLA exec ms/step, host overhead: a second identical call",
+        "(steady state, prefill included; host overhead = ms/token / XLA exec ms/step).",
+    ]
+    capped = [r for r in rows if r.get("capped")]
+    if capped:
+        asked = ", ".join(str(n) for n in sorted({r["requested_new_tokens"] for r in capped}))
+        notes.append(
+            f"generate-stock is capped at {capped[0]['new_tokens']} new tokens (asked {asked}): "
+            "it compiles a new graph per step, and XLA:CPU dies at ~40 graphs in one process."
+        )
+    return "\n".join(notes)
+
+
+def write_json(path: Path, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": env, "rows": [_strip(r) for r in rows]}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+class MissingPlotDependency(RuntimeError):
+    """--plot needs matplotlib, an optional extra."""
+
+
+def require_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingPlotDependency(
+            "--plot needs matplotlib, which is not installed: pip install 'xla-cache-patch[bench]'"
+        )
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Compiles and ms/token against new tokens, one line per variant (capped rows plotted once)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, (ax_c, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = ("-", "--", "-.", ":")
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        points = sorted(
+            {
+                (r["new_tokens"], r["compiles"], r["ms_per_token"])
+                for r in rows
+                if r["variant"] == variant and "error" not in r
+            }
+        )
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        style = {"marker": "os^vD"[i % 5], "linestyle": styles[i % len(styles)], "label": variant}
+        ax_c.plot(xs, [p[1] for p in points], **style)
+        ax_t.plot(xs, [p[2] for p in points], **style)
+    ticks = sorted({r["new_tokens"] for r in rows})
+    for ax, title in ((ax_c, "XLA compilations (cold call)"), (ax_t, "ms per token (steady state)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("new tokens")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax_c.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
+    """Entry point of the subcommand; exit 1 when a row failed or tokens differ from CPU eager."""
+    out = stdout or sys.stdout
+    if args.plot:
+        try:
+            require_matplotlib()
+        except MissingPlotDependency as exc:
+            print(f"xla-cache-patch bench: {exc}", file=sys.stderr)
+            return 2
+    if args.spmd and importlib.util.find_spec("xla_cache_patch.spmd") is None:
+        print(f"xla-cache-patch bench: --spmd {args.spmd}: {SPMD_MISSING}", file=sys.stderr)
+        return 2
+    if args.model and not Path(args.model).is_dir():
+        print(
+            f"xla-cache-patch bench: --model {args.model}: not a local checkpoint directory", file=sys.stderr
+        )
+        return 2
+    jobs = plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap)
+    rows = run_jobs(jobs, args)
+    env = environment(rows, args)
+    print(format_table(rows), file=out)
+    print("\n" + table_notes(rows), file=out)
+    if args.json:
+        write_json(Path(args.json), env, rows)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        write_plot(Path(args.plot), rows)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    bad = [r for r in rows if "error" in r or not r.get("tokens_match_cpu")]
+    return 1 if bad else 0
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _csv_variants(text: str) -> list[str]:
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [v for v in values if v not in VARIANTS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {unknown or text!r}; choose from {', '.join(VARIANTS)}"
+        )
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--new-tokens",
+        type=_csv_ints,
+        default=",".join(map(str, DEFAULT_NEW_TOKENS)),
+        help="comma-separated lengths to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--variants",
+        type=_csv_variants,
+        default=",".join(VARIANTS),
+        help="comma-separated subset of %(default)s",
+    )
+    p.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of compiles and ms/token (needs matplotlib)")
+    p.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint instead of the tiny Llama")
+    p.add_argument("--layers", type=int, default=2, help="layers of the tiny default model")
+    p.add_argument(
+        "--hidden", type=int, default=64, help="hidden size of the tiny default model (multiple of 8)"
+    )
+    p.add_argument(
+        "--spmd", type=int, default=0, metavar="N", help="shard over N devices (CPU_NUM_DEVICES=N on CPU)"
+    )
+    p.add_argument(
+        "--stock-generate-cap",
+        type=int,
+        default=STOCK_GENERATE_CAP,
+        help="most new tokens for generate-stock, which recompiles every step; 0: no cap (%(default)s)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per variant (default: %(default)s)"
+    )

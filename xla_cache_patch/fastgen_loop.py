@@ -1,0 +1,334 @@
+"""The static-shape decoding loop behind the XLA fast path of ``generate``.
+
+Why each step compiles to the same graph: nothing in it changes shape or carries a Python value that
+changes. The prompt is left-padded to a bucket (mask 0, so attention ignores the pad slots and the
+positions of the real tokens stay those transformers uses); the attention mask and the output ids are
+allocated once at their final length and written with ``index_copy`` at a device-side slot; positions,
+the slot, the finished rows and the sampling parameters are device tensors. The host only reads the
+"anything left to do?" flag every ``xla_eos_check_every`` steps, and then the flag of the previous step
+(already computed), so it keeps queueing work while the device runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch_xla
+
+from xla_cache_patch.fastgen_plan import Plan, Sampling
+from xla_cache_patch.fastgen_replay import StepReplay, cache_numbers, cache_tensors
+
+log = logging.getLogger("xla_cache_patch.fastgen")
+
+
+@dataclass
+class _State:
+    """Device tensors carried from one step to the next (their shapes never change)."""
+
+    token: torch.Tensor  # [B, 1] last produced token, fed at the next step
+    position: torch.Tensor  # [B, 1] its position id
+    slot: torch.Tensor  # [1] cache slot it will be written to
+    mask: torch.Tensor  # [B, C] attention mask over cache slots
+    out: torch.Tensor  # [B, C + 1] produced tokens, by slot
+    unfinished: torch.Tensor | None  # [B] 1 while a row has not produced eos (None: no eos)
+    produced: torch.Tensor | None  # [] steps transformers would have run (None: no eos)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state in a fixed order (what a replayed step reads and writes, with the cache buffers)."""
+        fields_ = (self.token, self.position, self.slot, self.mask, self.out, self.unfinished, self.produced)
+        return [t for t in fields_ if t is not None]
+
+
+@dataclass
+class _Constants:
+    """Per-call values, sent as two small vectors: new values reuse the compiled graphs.
+
+    Not as 0-dim tensors: torch_xla shares one device buffer between 0-dim tensors of equal value,
+    which changes the graph's parameter list (and so recompiles) when, say, temperature == top_p.
+    """
+
+    ints: torch.Tensor  # [3] int64: pad id, slot from which eos is allowed, top-k (V when off)
+    floats: torch.Tensor  # [2] float32: temperature, top-p
+    eos: torch.Tensor | None  # [E] eos ids (None: no eos)
+    eos_vocab: torch.Tensor | None  # [V] bool, only when min_length masks eos
+
+    @property
+    def pad(self) -> torch.Tensor:
+        return self.ints[0]
+
+    @property
+    def block_eos_until(self) -> torch.Tensor:
+        return self.ints[1]
+
+    @property
+    def top_k(self) -> torch.Tensor:
+        return self.ints[2]
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.floats[0]
+
+    @property
+    def top_p(self) -> torch.Tensor:
+        return self.floats[1]
+
+
+def new_static_cache(model: Any, batch: int, length: int, device: torch.device) -> Any:
+    """A StaticCache with this era's constructor (keywords: a positional arg means offloading in 4.56+)."""
+    from transformers import StaticCache
+
+    config = model.config
+    params = inspect.signature(StaticCache.__init__).parameters
+    if "max_cache_len" not in params or "batch_size" in params or "max_batch_size" in params:
+        # <= 4.55: eager buffers on `device`; 4.54-4.55 take (*args, **kwargs) and spell it max_batch_size
+        batch_kw = "batch_size" if "batch_size" in params else "max_batch_size"
+        return StaticCache(
+            config=config, max_cache_len=length, device=device, dtype=model.dtype, **{batch_kw: batch}
+        )
+    return StaticCache(config=config, max_cache_len=length)  # lazily allocated on the first update
+
+
+def _forward(
+    model: Any,
+    plan: Plan,
+    cache: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """One forward; returns the float32 logits of the last position, [B, V]."""
+    spec = plan.spec
+    kwargs: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        spec.cache_kwarg: cache,
+        "use_cache": True,
+        "return_dict": True,
+    }
+    if spec.cache_position:
+        kwargs["cache_position"] = slots
+    if spec.logits_kwarg is not None:
+        kwargs[spec.logits_kwarg] = 1
+    return model(**kwargs).logits[:, -1, :].float()
+
+
+def _warp(scores: torch.Tensor, consts: _Constants) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as transformers' warpers do, with device-tensor parameters."""
+    scores = scores / consts.temperature
+    sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
+    vocab = scores.shape[-1]
+    kth_index = (vocab - consts.top_k).clamp(0, vocab - 1).reshape(1, 1).expand(scores.shape[0], 1)
+    kth = sorted_scores.gather(-1, kth_index)
+    below_k = scores < kth  # ties with the k-th value are kept, like TopKLogitsWarper
+    kept_sorted = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
+    cumulative = kept_sorted.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - consts.top_p)
+    drop_sorted[..., -1:] = False  # min_tokens_to_keep=1
+    drop_sorted = drop_sorted & (consts.top_p < 1.0)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(below_k | drop, float("-inf"))
+
+
+def _choose(
+    logits: torch.Tensor, produced_slot: torch.Tensor, plan: Plan, consts: _Constants
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores as transformers reports them, next tokens [B])."""
+    scores = logits
+    if consts.eos_vocab is not None:
+        blocked = consts.eos_vocab & (produced_slot < consts.block_eos_until)
+        scores = scores.masked_fill(blocked, float("-inf"))
+    if plan.sampling is None:
+        return scores, scores.argmax(dim=-1)
+    scores = _warp(scores, consts)
+    probs = scores.softmax(dim=-1)
+    # Exponential race == multinomial draw; uses the XLA RNG, seeded per call from torch's CPU generator.
+    noise = -torch.log(torch.rand_like(probs).clamp_(min=1e-20))
+    return scores, (probs / noise).argmax(dim=-1)
+
+
+def _finish(
+    tokens: torch.Tensor, state: _State, consts: _Constants
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pad finished rows, then mark rows that just produced eos (transformers' order).
+
+    Returns the tokens and the "any row unfinished" flag (None without eos).
+    """
+    if state.unfinished is None:
+        return tokens, None
+    tokens = torch.where(state.unfinished.bool(), tokens, consts.pad)
+    state.produced = state.produced + state.unfinished.max()
+    hit = (tokens[:, None] == consts.eos[None, :]).any(dim=-1)
+    state.unfinished = state.unfinished * (~hit).long()
+    return tokens, state.unfinished.max()
+
+
+def _extras(
+    alive: torch.Tensor | None, scores: torch.Tensor, logits: torch.Tensor, plan: Plan
+) -> list[torch.Tensor]:
+    """The step's outputs that are not state, in the order _Collected.take reads them."""
+    extras = [] if alive is None else [alive]
+    if plan.return_dict and plan.output_scores:
+        extras.append(scores)
+    if plan.return_dict and plan.output_logits:
+        extras.append(logits)
+    return extras
+
+
+@dataclass
+class _Collected:
+    """Per-step outputs kept for the result: the stop flag and, if asked, scores and raw logits."""
+
+    alive: torch.Tensor | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    def take(self, extras: list[torch.Tensor], plan: Plan) -> None:
+        extras = list(extras)
+        if plan.eos_token_ids:
+            self.alive = extras.pop(0)
+        if plan.return_dict and plan.output_scores:
+            self.scores.append(extras.pop(0))
+        if plan.return_dict and plan.output_logits:
+            self.logits.append(extras.pop(0))
+
+
+def _prefill(
+    model: Any, plan: Plan, cache: Any, device: torch.device, consts: _Constants
+) -> tuple[_State, list[torch.Tensor]]:
+    batch, length = plan.input_ids.shape
+    bucket, width = plan.prompt_bucket, plan.cache_len
+    ids = torch.full((batch, bucket), plan.pad_token_id, dtype=torch.int64)
+    ids[:, bucket - length :] = plan.input_ids
+    mask = torch.zeros((batch, width), dtype=torch.int64)
+    mask[:, bucket - length : bucket] = plan.attention_mask
+    prompt_mask = mask[:, :bucket]
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    state = _State(
+        token=torch.zeros((batch, 1), dtype=torch.int64, device=device),
+        position=prompt_mask.sum(-1, keepdim=True).to(device),
+        slot=torch.tensor([bucket], dtype=torch.int64, device=device),
+        mask=mask.to(device),
+        out=torch.zeros((batch, width + 1), dtype=torch.int64, device=device),
+        unfinished=torch.ones(batch, dtype=torch.int64, device=device) if plan.eos_token_ids else None,
+        produced=torch.zeros((), dtype=torch.int64, device=device) if plan.eos_token_ids else None,
+    )
+    slots = torch.arange(bucket, dtype=torch.int64, device=device)
+    logits = _forward(model, plan, cache, ids.to(device), state.mask, positions.to(device), slots)
+    scores, tokens = _choose(logits, state.slot, plan, consts)
+    tokens, alive = _finish(tokens, state, consts)
+    state.out = state.out.index_copy(1, state.slot, tokens[:, None])
+    state.token = tokens[:, None]
+    return state, _extras(alive, scores, logits, plan)
+
+
+def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constants) -> list[torch.Tensor]:
+    """Trace one decode step: feed the last token at `slot`, write the next one at `slot + 1`."""
+    ones = torch.ones_like(state.token)
+    state.mask = state.mask.index_copy(1, state.slot, ones)
+    logits = _forward(model, plan, cache, state.token, state.mask, state.position, state.slot)
+    produced_slot = state.slot + 1
+    scores, tokens = _choose(logits, produced_slot, plan, consts)
+    tokens, alive = _finish(tokens, state, consts)
+    state.out = state.out.index_copy(1, produced_slot, tokens[:, None])
+    state.token = tokens[:, None]
+    state.position = state.position + 1
+    state.slot = produced_slot
+    return _extras(alive, scores, logits, plan)
+
+
+def _constants(plan: Plan, device: torch.device, vocab: int) -> _Constants:
+    length = plan.input_ids.shape[1]
+    eos = torch.tensor(plan.eos_token_ids, dtype=torch.int64).to(device) if plan.eos_token_ids else None
+    eos_vocab = None
+    if plan.eos_token_ids and plan.min_length > length:
+        flags = torch.zeros(vocab, dtype=torch.bool)
+        flags[[i for i in plan.eos_token_ids if 0 <= i < vocab]] = True
+        eos_vocab = flags.to(device)
+    # token t is produced at slot P + t; eos stays masked while L + t < min_length
+    block_until = plan.prompt_bucket + max(plan.min_length - length, 0)
+    sampling: Sampling = plan.sampling or Sampling(1.0, 0, 1.0)
+    ints = torch.tensor([plan.pad_token_id, block_until, sampling.top_k or vocab], dtype=torch.int64)
+    floats = torch.tensor([sampling.temperature, sampling.top_p], dtype=torch.float32)
+    return _Constants(ints=ints.to(device), floats=floats.to(device), eos=eos, eos_vocab=eos_vocab)
+
+
+def _seed_xla_rng(device: torch.device) -> None:
+    """Make sampling follow torch.manual_seed: torch_xla's RNG ignores it (the seed is device data)."""
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(int(torch.randint(0, 2**31 - 1, ()).item()), device=device)
+
+
+def _vocab_size(model: Any) -> int:
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
+
+
+def run(model: Any, plan: Plan) -> Any:
+    """Generate with static shapes; returns what transformers' generate would return."""
+    device = next(iter(model.parameters())).device
+    batch = plan.input_ids.shape[0]
+    cache = plan.cache if plan.cache is not None else new_static_cache(model, batch, plan.cache_len, device)
+    consts = _constants(plan, device, _vocab_size(model))
+    collected = _Collected()
+    if plan.sampling is not None:
+        _seed_xla_rng(device)
+    with torch.no_grad():
+        state, extras = _prefill(model, plan, cache, device, consts)
+        torch_xla.sync()
+        collected.take(extras, plan)
+        replay = StepReplay(
+            lambda: state.tensors() + cache_tensors(cache),
+            lambda: cache_numbers(cache),
+            device,
+            enabled=plan.replay,
+        )
+        steps, lagged = 1, None
+        every = plan.eos_check_every
+        while steps < plan.max_new_tokens:
+            # `lagged` is the flag of the step before the last one queued: reading it waits for a step that is
+            # (nearly) done, so the host keeps the device fed. The extra step it may cost is trimmed below.
+            if lagged is not None and every and steps % every == 0 and not bool(lagged.item()):
+                break
+            lagged = collected.alive
+            collected.take(replay.step(lambda: _decode(model, plan, cache, state, consts)), plan)
+            steps += 1
+    produced = steps if state.produced is None else int(state.produced.item())
+    log.debug(
+        "fast path done: %d steps run, %d replayed without tracing, %d tokens kept",
+        steps,
+        replay.replayed,
+        produced,
+    )
+    return _outputs(plan, state, cache, produced, collected)
+
+
+def _outputs(plan: Plan, state: _State, cache: Any, produced: int, collected: _Collected) -> Any:
+    start = plan.prompt_bucket
+    new_tokens = state.out.cpu()[:, start : start + produced]
+    sequences = torch.cat([plan.input_ids, new_tokens], dim=1).to(plan.out_device)
+    if not plan.return_dict:
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    def steps_of(name: str) -> tuple[torch.Tensor, ...] | None:
+        values = getattr(collected, name)[:produced]
+        if not values:
+            return None
+        return tuple(v.to(plan.out_device) if plan.out_device.type != "xla" else v for v in values)
+
+    names = {f.name for f in fields(GenerateDecoderOnlyOutput)}
+    result: dict[str, Any] = {
+        "sequences": sequences,
+        "scores": steps_of("scores"),
+        "logits": steps_of("logits"),
+    }
+    result["cache" if "cache" in names else "past_key_values"] = cache
+    return GenerateDecoderOnlyOutput(**{k: v for k, v in result.items() if k in names})

@@ -1,0 +1,464 @@
+"""Decide whether one ``generate`` call can take the XLA fast path, and prepare it as transformers would.
+
+The fast path must give the tokens transformers gives, so the generation config is built by the model's
+own ``_prepare_generation_config`` / ``_prepare_generated_length`` (their defaults moved between 4.41 and
+5.x). Every option that would make transformers add a logits processor, a stopping criterion or another
+decoding mode we do not implement is refused here with a reason, and the call goes to the original
+``generate``. Refusing is always safe; guessing is not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+
+EOS_CHECK_KWARG = "xla_eos_check_every"
+REPLAY_KWARG = "xla_replay"
+DEFAULT_EOS_CHECK_EVERY = 8
+MIN_PROMPT_BUCKET = 16
+
+# Generation options we implement (or that cannot change greedy/sampled tokens of a decoder-only model).
+_HANDLED = frozenset(
+    {
+        "max_length",
+        "max_new_tokens",
+        "min_length",
+        "min_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "max_cache_len",
+        "return_dict_in_generate",
+        "output_scores",
+        "output_logits",
+        "return_legacy_cache",
+        "compile_config",
+        "disable_compile",
+        "transformers_version",
+        "generation_kwargs",
+        # beam-search-only, contrastive-only, assistant-only and paged-only knobs: inert here
+        "length_penalty",
+        "early_stopping",
+        "diversity_penalty",
+        "low_memory",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "max_matching_ngram_size",
+        "assistant_ensemble_weight",
+        "continuous_batching_config",
+    }
+)
+# Values of the other options that leave decoding untouched; anything else falls back.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "num_return_sequences": (1,),
+    "repetition_penalty": (1.0,),
+    "encoder_repetition_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,),
+    "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "guidance_scale": (1.0,),
+    "penalty_alpha": (0.0,),
+}
+# Arguments of generate() itself that select another decoding mode or hook; they must be None / empty.
+_MODE_ARGS = (
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "synced_gpus",
+    "assistant_model",
+    "streamer",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+    "assistant_tokenizer",
+)
+_CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
+
+
+class Fallback(Exception):
+    """Raised while planning: this call must go to transformers' own ``generate``; the message says why."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; they go to the device as tensors, so new values reuse the compiled graphs."""
+
+    temperature: float
+    top_k: int  # 0: off
+    top_p: float  # 1.0: off
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """How this model class's forward spells its arguments (they moved between transformers eras)."""
+
+    cache_kwarg: str  # "past_key_values" (<= 5.23) or "cache" (5.24)
+    cache_position: bool  # the forward takes cache_position (removed in 5.x)
+    logits_kwarg: str | None  # "logits_to_keep" / "num_logits_to_keep" / absent
+
+
+@dataclass
+class Plan:
+    """Everything the static loop needs, computed on the host before any device work."""
+
+    input_ids: torch.Tensor  # [B, L] int64 on CPU
+    attention_mask: torch.Tensor  # [B, L] int64 on CPU
+    out_device: torch.device  # where transformers would have returned the sequences
+    max_new_tokens: int
+    min_length: int  # eos is masked while prompt + generated < min_length
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    sampling: Sampling | None
+    return_dict: bool
+    output_scores: bool
+    output_logits: bool
+    eos_check_every: int
+    replay: bool  # replay the compiled decode step instead of re-tracing it (see fastgen_replay)
+    prompt_bucket: int  # P: the prompt is left-padded to this length
+    cache_len: int  # C: cache slots and attention-mask length
+    cache: Any | None  # an empty user StaticCache, else None (the loop builds one)
+    spec: ForwardSpec
+
+
+@dataclass(frozen=True)
+class Options:
+    """Our own keyword arguments of generate."""
+
+    eos_check_every: int = DEFAULT_EOS_CHECK_EVERY
+    replay: bool = True
+
+
+def pop_own_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Options]:
+    """Remove our keyword arguments (transformers would reject them) and validate them."""
+    kwargs = dict(kwargs)
+    every = kwargs.pop(EOS_CHECK_KWARG, DEFAULT_EOS_CHECK_EVERY)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"{EOS_CHECK_KWARG} must be an int >= 0 (0: never stop early), got {every!r}")
+    replay = kwargs.pop(REPLAY_KWARG, True)
+    if not isinstance(replay, bool):
+        raise ValueError(f"{REPLAY_KWARG} must be a bool, got {replay!r}")
+    return kwargs, Options(every, replay)
+
+
+def prompt_bucket(length: int) -> int:
+    """Powers of two, at least MIN_PROMPT_BUCKET: nearby prompt lengths share one prefill graph."""
+    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def cache_bucket(length: int) -> int:
+    """Cache length: powers of two up to 1024, then multiples of 512: max_new_tokens values share graphs."""
+    if length <= 1024:
+        return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+    return -(-length // 512) * 512
+
+
+@cache
+def forward_spec(model_cls: type) -> ForwardSpec | None:
+    params = inspect.signature(model_cls.forward).parameters
+    needed = ("input_ids", "attention_mask", "position_ids")
+    cache_kwarg = next((name for name in ("cache", "past_key_values") if name in params), None)
+    if cache_kwarg is None or not all(name in params for name in needed):
+        return None
+    logits_kwarg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
+    return ForwardSpec(cache_kwarg, "cache_position" in params, logits_kwarg)
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise Fallback(reason)
+
+
+def _check_model(model: Any) -> ForwardSpec:
+    config = getattr(model, "config", None)
+    _require(config is not None, "the model has no config")
+    _require(not getattr(config, "is_encoder_decoder", False), "encoder-decoder models are not supported")
+    get_text_config = getattr(config, "get_text_config", None)
+    _require(get_text_config is None or get_text_config() is config, "multimodal models are not supported")
+    _require(
+        getattr(model, "main_input_name", "input_ids") == "input_ids", "the model does not take input_ids"
+    )
+    _require("generate" not in vars(model), "the instance has its own generate (custom_generate)")
+    param = next(iter(model.parameters()), None)
+    _require(
+        param is not None and param.device.type == "xla",
+        f"model parameters are not on an XLA device ({None if param is None else param.device})",
+    )
+    device_map = getattr(model, "hf_device_map", None)
+    _require(not device_map or len(set(device_map.values())) <= 1, "the model is split across devices")
+    supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
+    _require(supports_cache is None or supports_cache(), "the model does not use transformers' Cache classes")
+    spec = forward_spec(type(model))
+    _require(spec is not None, "the forward does not take input_ids/attention_mask/position_ids and a cache")
+    return spec
+
+
+def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """generate(inputs=None, generation_config=None, ...): later positional arguments are refused."""
+    _require(len(args) <= 2, "positional arguments after generation_config")
+    inputs = args[0] if args else kwargs.pop("inputs", None)
+    gen_config = args[1] if len(args) > 1 else kwargs.pop("generation_config", None)
+    input_ids = kwargs.pop("input_ids", None)
+    _require(inputs is None or input_ids is None, "both inputs and input_ids given")
+    return (inputs if inputs is not None else input_ids), gen_config
+
+
+def _check_mode_args(kwargs: dict[str, Any]) -> None:
+    for name in _MODE_ARGS:
+        value = kwargs.pop(name, None)
+        if name in ("logits_processor", "stopping_criteria") and value is not None and len(value) == 0:
+            continue
+        _require(value is None or value is False, f"{name} is not supported")
+    kwargs.pop("trust_remote_code", None)
+    kwargs.pop("tokenizer", None)  # only used by stop_strings / token_healing, both refused below
+
+
+def _prepare_config(
+    model: Any, gen_config: Any, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any], bool, bool]:
+    """Merge config and kwargs with the model's own helper; returns (config, model_kwargs, has_default_*)."""
+    prepare = getattr(model, "_prepare_generation_config", None)
+    _require(prepare is not None, "transformers has no _prepare_generation_config")
+    model_config = model.generation_config
+    if hasattr(model_config, "_get_default_generation_params"):  # 5.x: defaults are filled in by prepare
+        has_default_max = (
+            kwargs.get("max_length") is None
+            and getattr(gen_config, "max_length", None) is None
+            and model_config.max_length is None
+        )
+        has_default_min = (
+            kwargs.get("min_length") is None
+            and getattr(gen_config, "min_length", None) is None
+            and model_config.min_length is None
+        )
+        config, model_kwargs = prepare(gen_config, **kwargs)
+    else:
+        config, model_kwargs = prepare(gen_config, **kwargs)
+        has_default_max = kwargs.get("max_length") is None and config.max_length is not None
+        has_default_min = kwargs.get("min_length") is None and config.min_length is not None
+    return config, model_kwargs, has_default_max, has_default_min
+
+
+def _check_options(config: Any) -> None:
+    for name, value in config.to_dict().items():
+        if name.startswith("_") or name in _HANDLED or value is None or value is False or value == {}:
+            continue
+        _require(value in _NEUTRAL.get(name, ()), f"generation option {name}={value!r} is not supported")
+    _require(config.use_cache is not False, "use_cache=False")
+
+
+def _sampling(config: Any) -> Sampling | None:
+    if not config.do_sample:
+        return None
+    temperature = 1.0 if config.temperature is None else float(config.temperature)
+    top_k = 0 if config.top_k is None else config.top_k
+    top_p = 1.0 if config.top_p is None else float(config.top_p)
+    # Values transformers rejects: let it raise its own error.
+    _require(temperature > 0.0, f"temperature={temperature}")
+    _require(isinstance(top_k, int) and top_k >= 0, f"top_k={top_k!r}")
+    _require(0.0 <= top_p <= 1.0, f"top_p={top_p}")
+    return Sampling(temperature, top_k, top_p)
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in torch.as_tensor(value).flatten().tolist())
+
+
+def _special_tokens(config: Any) -> tuple[tuple[int, ...], int | None]:
+    """eos ids and the pad id, with transformers' rule: no pad token means pad with eos[0]."""
+    eos = _token_ids(config.eos_token_id)
+    pad = _token_ids(config.pad_token_id)
+    _require(len(pad) <= 1, "several pad_token_id")
+    pad_id = pad[0] if pad else (eos[0] if eos else None)
+    return eos, pad_id
+
+
+def _input_ids(inputs: Any) -> torch.Tensor:
+    _require(isinstance(inputs, torch.Tensor), "no input_ids (transformers would start from bos)")
+    _require(
+        inputs.ndim == 2 and not inputs.dtype.is_floating_point, "input_ids must be a 2-D integer tensor"
+    )
+    _require(inputs.shape[0] > 0 and inputs.shape[1] > 0, "empty input_ids")
+    return inputs
+
+
+def _attention_mask(model_kwargs: dict[str, Any], ids: torch.Tensor, eos: tuple[int, ...], pad: int | None):
+    """The user's mask, or the one transformers infers from pad tokens; always [B, L] int64 on CPU."""
+    mask = model_kwargs.pop("attention_mask", None)
+    if mask is None:
+        if pad is not None and pad not in eos and bool((ids == pad).any()):
+            mask = ids.ne(pad)
+        else:
+            mask = torch.ones_like(ids)
+    _require(
+        isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(ids.shape),
+        "attention_mask must be 2-D with the shape of input_ids",
+    )
+    mask = mask.to("cpu", torch.int64)
+    _require(bool(((mask == 0) | (mask == 1)).all()), "attention_mask must hold 0/1")
+    _require(bool(mask[:, -1].all()), "right-padded prompt (pad on the left for decoder-only generation)")
+    return mask
+
+
+def _user_cache(model_kwargs: dict[str, Any], config: Any) -> Any | None:
+    given = [model_kwargs.pop(name) for name in _CACHE_KWARGS if model_kwargs.get(name) is not None]
+    for name in _CACHE_KWARGS:
+        model_kwargs.pop(name, None)
+    _require(len(given) <= 1, "several cache arguments")
+    if given:
+        from transformers import StaticCache
+
+        _require(type(given[0]) is StaticCache, f"cache of type {type(given[0]).__name__} (only StaticCache)")
+        _require(config.cache_implementation is None, "both a cache object and cache_implementation")
+        return given[0]
+    _require(
+        config.cache_implementation == "static",
+        f"no static cache requested (cache_implementation={config.cache_implementation!r})",
+    )
+    return None
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [
+            t
+            for layer in layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)
+        ]
+    return [
+        t
+        for t in (*getattr(cache, "key_cache", ()), *getattr(cache, "value_cache", ()))
+        if isinstance(t, torch.Tensor)
+    ]
+
+
+def cache_capacity(cache: Any) -> int | None:
+    """Slots of the full-attention layers; None when every layer is a rolling sliding window."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return int(cache.max_cache_len)
+    sizes = [
+        int(layer.max_cache_len)
+        for layer in layers
+        if not getattr(layer, "is_sliding", False) and getattr(layer, "max_cache_len", None) is not None
+    ]
+    return min(sizes) if sizes else None
+
+
+def _check_user_cache(cache: Any, batch: int) -> None:
+    tensors = _cache_tensors(cache)
+    _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
+    sizes = [getattr(cache, name, None) for name in ("max_batch_size", "batch_size")]
+    size = next((int(v) for v in sizes if isinstance(v, int) and v > 0), None)  # 5.x: -1 until allocated
+    if size is None and tensors:
+        size = tensors[0].shape[0]
+    _require(size is None or size == batch, f"cache batch size {size} != {batch}")
+    initialized = getattr(cache, "is_initialized", True)
+    if initialized is True or (not isinstance(initialized, bool) and initialized):
+        seen = int(cache.get_seq_length())  # one small device read; a filled cache is a continuation
+        _require(seen == 0, f"the cache already holds {seen} tokens (continuation)")
+
+
+def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
+    """(P, C): prompt bucket and cache/mask length. A user cache fixes C; P shrinks to fit if needed."""
+    bucket = prompt_bucket(length)
+    if cache is None:
+        return bucket, cache_bucket(bucket + max_new)
+    capacity = cache_capacity(cache)
+    if capacity is None:
+        return bucket, cache_bucket(bucket + max_new)
+    # The last token is never fed back, so P + max_new - 1 slots are written.
+    bucket = min(bucket, capacity - max_new + 1)
+    _require(bucket >= length, f"the cache ({capacity} slots) is too short for {length} + {max_new} tokens")
+    return bucket, capacity
+
+
+def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch.Tensor) -> tuple[int, int]:
+    """(max_new_tokens, min_length) exactly as transformers derives them for this era."""
+    length = ids.shape[1]
+    config = model._prepare_generated_length(
+        generation_config=config,
+        has_default_max_length=has_default[0],
+        has_default_min_length=has_default[1],
+        model_input_name="input_ids",
+        input_ids_length=length,
+        inputs_tensor=ids,
+    )
+    max_new = int(config.max_length) - length
+    _require(max_new >= 1, f"max_length {config.max_length} leaves no room after {length} prompt tokens")
+    min_length = int(config.min_length or 0)
+    if config.min_new_tokens:
+        min_length = max(min_length, length + int(config.min_new_tokens))
+    return max_new, min_length
+
+
+def plan_request(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options) -> Plan:
+    """Build the Plan, or raise Fallback with the reason this call must use transformers' generate."""
+    spec = _check_model(model)
+    kwargs = dict(kwargs)
+    inputs, gen_config = _split_args(args, kwargs)
+    _check_mode_args(kwargs)
+    _require(kwargs.get("inputs_embeds") is None, "inputs_embeds")
+    ids = _input_ids(inputs)
+    try:
+        config, model_kwargs, *has_default = _prepare_config(model, gen_config, kwargs)
+    except Fallback:
+        raise
+    except Exception as exc:  # transformers will raise it again, with its own message
+        raise Fallback(f"transformers rejected the generation config: {exc!r}") from exc
+    _check_options(config)
+    sampling = _sampling(config)
+    eos, pad = _special_tokens(config)
+    cpu_ids = ids.to("cpu", torch.int64)
+    mask = _attention_mask(model_kwargs, cpu_ids, eos, pad)
+    cache = _user_cache(model_kwargs, config)
+    model_kwargs.pop("use_cache", None)
+    leftover = sorted(
+        name for name, value in model_kwargs.items() if value is not None and value is not False
+    )
+    _require(not leftover, f"model kwargs not supported: {leftover}")
+    max_new, min_length = _lengths(model, config, tuple(has_default), cpu_ids)
+    if cache is not None:
+        _check_user_cache(cache, ids.shape[0])
+    bucket, cache_len = _layout(ids.shape[1], max_new, cache)
+    return Plan(
+        input_ids=cpu_ids,
+        attention_mask=mask,
+        out_device=ids.device,
+        max_new_tokens=max_new,
+        min_length=min_length if eos else 0,
+        eos_token_ids=eos,
+        pad_token_id=0 if pad is None else pad,
+        sampling=sampling,
+        return_dict=bool(config.return_dict_in_generate),
+        output_scores=bool(config.output_scores),
+        output_logits=bool(config.output_logits),
+        eos_check_every=options.eos_check_every,
+        replay=options.replay,
+        prompt_bucket=bucket,
+        cache_len=cache_len,
+        cache=cache,
+        spec=spec,
+    )

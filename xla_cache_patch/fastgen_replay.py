@@ -1,0 +1,222 @@
+"""Run the decode step's compiled graph again without tracing the model in Python every step.
+
+Lazy-tensor XLA re-traces the whole forward in Python at every step only to find the graph it already
+compiled: on the tiny model that is ~6 ms of host work for ~0.4 ms of device work. torch_xla's dynamo
+bridge avoids it by keeping the graph hash and its input list and calling ``_run_cached_graph``; this
+module does the same for our decode step, without dynamo.
+
+Replaying is only correct if the step is a pure function of the tensors we feed it. So it starts only
+after two consecutive traced steps (probes) produce the same graph from the same fixed inputs (weights,
+constants), the trace triggered no device execution (no data-dependent Python branch), and no Python
+number on the cache changed (e.g. the sliding-window layers of transformers >= 4.57 count tokens in a
+Python int; those models keep tracing). Otherwise every step is traced as usual, still without new graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
+from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
+
+_X = torch_xla._XLAC
+_UINT64_MAX = 18446744073709551615
+
+
+def _executions() -> int:
+    data = met.metric_data("ExecuteTime")
+    return int(data[0]) if data else 0
+
+
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """Every tensor the cache object (and its layers) holds, once each, in a stable order."""
+    owners = [cache, *getattr(cache, "layers", ())]
+    found: dict[int, torch.Tensor] = {}
+    for owner in owners:
+        for value in vars(owner).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            if isinstance(value, dict):
+                items = tuple(value.values())  # nn.Module buffers (transformers 4.44-4.49)
+            for item in items:
+                if isinstance(item, torch.Tensor) and item.device.type == "xla":
+                    found.setdefault(id(item), item)
+    return list(found.values())
+
+
+def cache_numbers(cache: Any) -> tuple[tuple[str, Any], ...]:
+    """The Python numbers on the cache and its layers: a step that changes one is not replayable."""
+    owners = [cache, *getattr(cache, "layers", ())]
+    return tuple(
+        (f"{index}.{name}", value)
+        for index, owner in enumerate(owners)
+        for name, value in sorted(vars(owner).items())
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+
+
+_SMALL = 64  # fixed inputs up to this many elements are compared by value (constants re-uploaded per step)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    graph_hash: bytes
+    sources: tuple[int | None, ...]  # per graph input: index of the state tensor it reads, None: fixed input
+    changed: tuple[bool, ...]  # which state tensors the step writes
+    aux: int  # outputs that are not state (flags, scores)
+
+
+@dataclass
+class _Trace:
+    signature: _Signature
+    ids: list[int]  # tensor id per graph input
+    values: list[Any]  # device data per graph input
+
+
+def _same_fixed(old: _Trace, new: _Trace) -> bool:
+    """Do both traces read the same weights and constants? Scalars like a norm's eps come back as a new
+    device buffer every step (new tensor id), so small inputs are compared by value."""
+    for source, old_id, new_id, old_value, new_value in zip(
+        new.signature.sources, old.ids, new.ids, old.values, new.values, strict=True
+    ):
+        if source is not None or old_id == new_id:
+            continue
+        if not (isinstance(old_value, torch.Tensor) and isinstance(new_value, torch.Tensor)):
+            return False
+        if (
+            old_value.numel() > _SMALL
+            or old_value.shape != new_value.shape
+            or old_value.dtype != new_value.dtype
+        ):
+            return False
+        if not torch.equal(old_value.cpu(), new_value.cpu()):
+            return False
+    return True
+
+
+def _donated(sources: Sequence[int | None], changed: Sequence[bool]) -> list[int]:
+    """Graph inputs that read a state tensor the step rewrites: their buffers can be updated in place."""
+    return [slot for slot, source in enumerate(sources) if source is not None and changed[source]]
+
+
+def _unique(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Distinct tensors (a graph returns a repeated root once) and where each original sits among them."""
+    slots: dict[int, int] = {}
+    for tensor in tensors:
+        slots.setdefault(id(tensor), len(slots))
+    distinct = list({id(t): t for t in tensors}.values())
+    return distinct, [slots[id(t)] for t in tensors]
+
+
+@dataclass
+class _Program:
+    """A compiled step ready to run: argument list, where the RNG seed goes, what the results update."""
+
+    graph_hash: bytes
+    args: list[Any]  # graph inputs; state inputs are the live state tensors themselves
+    seed_slots: list[int]  # inputs that take the current RNG seed
+    donated: list[int]  # inputs whose buffers the step overwrites: donated, so XLA updates them in place
+    written: list[torch.Tensor]  # state tensors that receive the first results, in order
+    aux_slots: list[int]  # where each extra output sits among the remaining results
+
+
+class StepReplay:
+    """Runs one step per call: traced while probing, then by replaying the compiled graph.
+
+    Probes execute through the same cached graph as the replays (``_xla_warm_up_cache`` +
+    ``_run_cached_graph``), so replaying costs no extra compilation. Results are written into the
+    existing state tensors (``_replace_xla_tensor``), so the cache object and our state keep their
+    tensor objects and a replay only swaps device buffers.
+    """
+
+    def __init__(
+        self,
+        state: Callable[[], list[torch.Tensor]],
+        numbers: Callable[[], Any],
+        device: torch.device,
+        enabled: bool = True,
+    ) -> None:
+        self._state = state
+        self._numbers = numbers
+        self._device = str(device)
+        self._enabled = enabled
+        self._last: _Trace | None = None
+        self._program: _Program | None = None
+        self.replayed = 0
+
+    def step(self, trace: Callable[[], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """Run the step that ``trace`` builds; returns its extra outputs (not state), materialized."""
+        if self._program is not None:
+            self.replayed += 1
+            return self._run(self._program)
+        if not self._enabled:
+            aux = list(trace())
+            torch_xla.sync()
+            return aux
+        return self._probe(trace)
+
+    def _probe(self, trace: Callable[[], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        xm.wait_device_ops()  # inputs must hold real device data, not placeholders of a running step
+        inputs = self._state()
+        input_index = {_X._xla_get_tensor_id(t): index for index, t in enumerate(inputs)}
+        numbers, executions = self._numbers(), _executions()
+        aux, aux_slots = _unique(list(trace()))
+        outputs = self._state()
+        if _executions() != executions or self._numbers() != numbers or len(outputs) != len(inputs):
+            self._last = None  # the step reads device values or Python state: trace every step
+            torch_xla.sync()
+            return [aux[slot] for slot in aux_slots]
+        xm.wait_device_ops()  # constants uploaded while tracing must have landed before we read them
+        changed = tuple(_X._check_tensor_need_materialization(outputs))
+        written = [t for t, write in zip(outputs, changed, strict=True) if write]
+        roots = written + aux
+        ids, values = _X._get_tensors_xla_device_data_node(roots)
+        sources = tuple(input_index.get(tensor_id) for tensor_id in ids)
+        for slot in _donated(sources, changed):
+            _X._set_buffer_donation(values[slot], True)
+        with alias_with_buffer_donor_config(True):  # the KV cache stays aliased, as in a lazy sync
+            signature = _Signature(_X._get_graph_hash(roots), sources, changed, len(aux))
+            _X._xla_warm_up_cache(roots, [])  # compile (or find) the graph under the hash we run
+        current = _Trace(signature, list(ids), list(values))
+        # Run the traced step through that graph, on the device data the trace read: a state tensor
+        # updated in place (the cache) no longer holds its old data once its pending IR is dropped.
+        _X._clear_pending_irs(self._device)
+        result = self._run(self._program_for(current, list(values), written, aux_slots))
+        last, self._last = self._last, current
+        if last is not None and last.signature == signature and _same_fixed(last, current):
+            # From now on the state tensors are the ones just written; they keep their identity.
+            state = self._state()
+            args = [v if i is None else state[i] for i, v in zip(signature.sources, values, strict=True)]
+            self._program = self._program_for(current, args, written, aux_slots)
+        return result
+
+    def _program_for(
+        self, trace: _Trace, args: list[Any], written: list[torch.Tensor], aux_slots: list[int]
+    ) -> _Program:
+        seed_id = _X._get_seed_info_id()
+        seed_slots = [
+            i
+            for i, (tensor_id, source) in enumerate(zip(trace.ids, trace.signature.sources, strict=True))
+            if source is None and tensor_id == seed_id
+        ]
+        donated = _donated(trace.signature.sources, trace.signature.changed)
+        return _Program(trace.signature.graph_hash, args, seed_slots, donated, written, aux_slots)
+
+    def _run(self, program: _Program) -> list[torch.Tensor]:
+        args = program.args
+        for slot in program.donated:  # results are new buffers: mark the ones we hand back to XLA
+            _X._set_buffer_donation(args[slot], True)
+        if program.seed_slots:  # the RNG seed, advanced as torch_xla.sync() would
+            args = list(args)
+            for slot in program.seed_slots:
+                args[slot] = _X._get_base_seed_as_tensor(self._device)
+            xm.set_rng_state((1012031 + _X._xla_get_rng_seed() * 7012063) % _UINT64_MAX, self._device)
+        results = _X._run_cached_graph(program.graph_hash, args)
+        for tensor, result in zip(program.written, results, strict=False):
+            _X._replace_xla_tensor(tensor, result)
+        aux = results[len(program.written) :]
+        return [aux[slot] for slot in program.aux_slots]

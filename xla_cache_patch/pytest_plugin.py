@@ -1,0 +1,217 @@
+"""pytest plugin, registered through the ``pytest11`` entry point.
+
+- fixture ``xla_cache_patch``: the patch for one test; yields ``status()``, then restores;
+- marker ``@pytest.mark.xla_cache_patch(mode=...)``: the same fixture for a marked test;
+- option ``--xla-cache-patch[=MODE]`` / ini key ``xla_cache_patch``: the patch for the session;
+- marker ``@pytest.mark.xla_max_compiles(n)``: fail a test whose body compiles more than n graphs;
+- one report-header line: transformers version, era, patch state.
+
+An installed plugin loads in every pytest run of the environment, so this module imports only
+pytest and the torch-free activation module. torch, torch_xla and transformers load when a test
+asks for them; the session option only arms a hook on ``transformers.cache_utils``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import pytest
+
+from xla_cache_patch import activation
+
+FIXTURE = "xla_cache_patch"
+PATCH_MARK = "xla_cache_patch"
+GUARD_MARK = "xla_max_compiles"
+INI_KEY = "xla_cache_patch"
+_MARK_KWARGS = frozenset({"mode", "strict", "generate"})
+_OPTION_CHOICES = (*activation.MODES, "off")
+
+# (request replaced by the session's, whether the patch was applied before the session)
+_session_key = pytest.StashKey[tuple[activation.Request | None, bool]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("xla-cache-patch", "XLA-safe StaticCache (xla-cache-patch)")
+    group.addoption(
+        "--xla-cache-patch",
+        dest="xla_cache_patch",
+        nargs="?",
+        const="inplace",
+        default=None,
+        choices=_OPTION_CHOICES,
+        metavar="MODE",
+        help="patch transformers' StaticCache for the whole session; MODE is inplace (default), "
+        "functional, or off to override the ini key. Write --xla-cache-patch=MODE.",
+    )
+    parser.addini(
+        INI_KEY,
+        help="patch transformers' StaticCache for the whole session: inplace (or on/true/1), functional, "
+        "or off (default)",
+        default="",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{PATCH_MARK}(mode='inplace', strict=False, generate=True): apply the XLA-safe StaticCache patch "
+        f"for this test (as the {FIXTURE} fixture does)",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{GUARD_MARK}(n): fail the test if its body compiles more than n XLA graphs (needs torch_xla)",
+    )
+    mode, source = _session_mode(config)
+    if mode is None:
+        return
+    was_applied = _applied_now()
+    previous = activation.activate(mode, strict=activation.strict_from_env(), source=source)
+    config.stash[_session_key] = (previous, was_applied)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Hand back the state found at configure time (matters when pytest runs in-process)."""
+    session = config.stash.get(_session_key, None)
+    if session is None:
+        return
+    previous, was_applied = session
+    activation.restore(previous)
+    if previous is None and not was_applied and _applied_now():
+        importlib.import_module("xla_cache_patch.registry").unapply()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return header_line()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marked tests get the fixture first, so that fixtures building models see the patch too."""
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if names is not None and FIXTURE not in names and item.get_closest_marker(PATCH_MARK) is not None:
+            names.insert(0, FIXTURE)
+
+
+@pytest.fixture
+def xla_cache_patch(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Apply the XLA-safe StaticCache patch for one test and yield ``xla_cache_patch.status()``.
+
+    Arguments of a ``@pytest.mark.xla_cache_patch(...)`` marker go to ``apply()``; without a mode,
+    the session's mode (if any) or ``inplace``. The state from before the test is restored after.
+    """
+    kwargs = _patch_kwargs(request.node.get_closest_marker(PATCH_MARK))
+    # Let a pending session patch fire first, so that it is the state restored after the test;
+    # without transformers, apply() below says why in its warning.
+    with contextlib.suppress(ImportError):
+        importlib.import_module(activation.TARGET_MODULE)
+    registry = importlib.import_module("xla_cache_patch.registry")
+    with registry.patched(**kwargs) as status:
+        yield status
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    """The recompilation guard: counts compiles over the test body only (not its fixtures)."""
+    marker = item.get_closest_marker(GUARD_MARK)
+    if marker is None:
+        return (yield)
+    limit = _compile_limit(marker)
+    from xla_cache_patch.metrics import count_compiles
+
+    with count_compiles() as counter:
+        result = yield
+    if counter.compiles > limit:
+        pytest.fail(_guard_message(item, limit, counter.compiles, counter.executions), pytrace=False)
+    return result
+
+
+def header_line() -> str:
+    """One line for the report header, from package metadata only (no torch, no transformers)."""
+    from importlib import metadata
+
+    from xla_cache_patch import __version__, eras
+
+    try:
+        version: str | None = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        version = None
+    if version is None:
+        found = "transformers not installed"
+    else:
+        era = eras.nominal_era(version)
+        found = f"transformers {version}, era {era}" if era else f"transformers {version}, unsupported"
+    return f"xla-cache-patch {__version__}: {found}; patch {_state()}"
+
+
+def _state() -> str:
+    request = activation.current_request()
+    if _applied_now():
+        mode = importlib.import_module("xla_cache_patch.registry").status().mode
+        return f"applied (mode={mode})"
+    if request is not None:
+        return (
+            f"on (mode={request.mode}, from {request.source}; applied when "
+            f"{activation.TARGET_MODULE} is imported)"
+        )
+    return "off"
+
+
+def _session_mode(config: pytest.Config) -> tuple[str | None, str]:
+    option = config.getoption("xla_cache_patch")
+    if option is not None:
+        return (None if option == "off" else option), f"--xla-cache-patch={option}"
+    raw = str(config.getini(INI_KEY) or "")
+    try:
+        mode = activation.parse_mode(raw)
+    except ValueError:
+        raise pytest.UsageError(
+            f"ini key {INI_KEY} = {raw!r}: use inplace (or on, true, 1), functional, or off"
+        ) from None
+    return mode, f"ini {INI_KEY} = {raw.strip()}"
+
+
+def _applied_now() -> bool:
+    """True if patched; looks only at an already-imported registry, to stay cheap."""
+    registry = sys.modules.get("xla_cache_patch.registry")
+    return bool(registry is not None and registry.is_applied())
+
+
+def _patch_kwargs(marker: pytest.Mark | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if marker is not None:
+        if len(marker.args) > 1 or (marker.args and "mode" in marker.kwargs):
+            raise TypeError(f"@pytest.mark.{PATCH_MARK} takes at most one positional argument, the mode")
+        unknown = set(marker.kwargs) - _MARK_KWARGS
+        if unknown:
+            raise TypeError(f"@pytest.mark.{PATCH_MARK} got unknown arguments {sorted(unknown)}")
+        kwargs.update(marker.kwargs)
+        if marker.args:
+            kwargs["mode"] = marker.args[0]
+    if "mode" not in kwargs:
+        request = activation.current_request()
+        kwargs["mode"] = request.mode if request is not None else "inplace"
+    return kwargs
+
+
+def _compile_limit(marker: pytest.Mark) -> int:
+    values = [*marker.args, *marker.kwargs.values()]
+    if len(values) != 1 or set(marker.kwargs) - {"n"}:
+        raise TypeError(f"use @pytest.mark.{GUARD_MARK}(n) with one integer n >= 0")
+    limit = values[0]
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise TypeError(f"@pytest.mark.{GUARD_MARK}(n): n must be an integer >= 0, not {limit!r}")
+    return limit
+
+
+def _guard_message(item: pytest.Item, limit: int, compiles: int, executions: int) -> str:
+    return (
+        f"{GUARD_MARK}({limit}): the test body compiled {compiles} XLA graphs "
+        f"({executions} executions), {compiles - limit} more than allowed. Each compile is a graph "
+        "torch_xla had not seen yet, typically a recompilation because a shape or a Python value baked "
+        "into the graph changed between steps. To see the cause of each compilation, rerun with "
+        f"PT_XLA_DEBUG_LEVEL=2: PT_XLA_DEBUG_LEVEL=2 pytest '{item.nodeid}'"
+    )
