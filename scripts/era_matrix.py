@@ -25,6 +25,7 @@ ERA_VERSIONS = {
 }
 SUITE = [
     "tests/test_equivalence.py",
+    "tests/test_properties.py",
     "tests/test_bad_input.py",
     "tests/test_registry.py",
     "tests/test_xla_decode.py",
