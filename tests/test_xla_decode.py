@@ -54,11 +54,11 @@ def decode(model: str, mode: str, steps: int = 12) -> dict:
 @pytest.mark.parametrize("model", ["llama", "mistral"])
 @pytest.mark.parametrize("mode", ["inplace", "functional"])
 def test_decode_matches_cpu_and_settles(model, mode):
-    out = decode(model, mode)
+    out = decode(model, mode, steps=16)  # sliding layers (4.57+) settle after the window's first roll
     assert out["tokens_match_cpu"], out
     # Settled: the last four steps (window full and rolling for mistral) compile nothing new.
     assert out["step_compiles"][-4:] == [0, 0, 0, 0], out
-    assert out["executions"] == 12
+    assert out["executions"] == 16
     if mode == "inplace":
         assert out["aliased_buffers"] > 0, out
 

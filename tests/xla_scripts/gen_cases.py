@@ -128,9 +128,9 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
     eos = None
     if args.eos:
         free = model.generate(ids, eos_token_id=None, **kwargs)
+        eos = pick_eos(free, ids.shape[1])
     if args.min_new_tokens:  # after picking eos: the minimum must hold it back
         kwargs["min_new_tokens"] = args.min_new_tokens
-        eos = pick_eos(free, ids.shape[1])
     ref = model.generate(ids, eos_token_id=eos, **kwargs)
     xla_cache_patch.apply()
     model = on_xla(model)
