@@ -188,6 +188,25 @@ def _store(cache: Any, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None
         cache.value_cache[layer_idx] = v
 
 
+def _list_static(
+    mode: str,
+    self: Any,
+    layer_idx: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    pos: Any,
+) -> Pair:
+    """Write at ``pos`` into a list-stored layer, checked first, stored back in functional mode."""
+    pos = positions(pos, k.device)
+    key, value = kv(k, v, key_states, value_states, pos.shape[0])
+    check_bounds(pos, k.shape[2], type(self).__name__)
+    k, v = write(mode, k, pos, key), write(mode, v, pos, value)
+    _store(self, layer_idx, k, v)
+    return k, v
+
+
 def list_static_update(
     mode: str,
     opts: Options,
@@ -202,12 +221,7 @@ def list_static_update(
     k, v = self.key_cache[layer_idx], self.value_cache[layer_idx]
     if pos is None or _on_meta(k):
         return wrapped(key_states, value_states, layer_idx, cache_kwargs)
-    pos = positions(pos, k.device)
-    key, value = kv(k, v, key_states, value_states, pos.shape[0])
-    check_bounds(pos, k.shape[2], type(self).__name__)
-    k, v = write(mode, k, pos, key), write(mode, v, pos, value)
-    _store(self, layer_idx, k, v)
-    return k, v
+    return _list_static(mode, self, layer_idx, k, v, key_states, value_states, pos)
 
 
 def _list_window(
@@ -263,12 +277,7 @@ def hybrid_static_update(
 ) -> Pair:
     if cache_position is None:
         return wrapped(cache_position, layer_idx, key_states, value_states, k_out, v_out, max_cache_len)
-    pos = positions(cache_position, k_out.device)
-    key, value = kv(k_out, v_out, key_states, value_states, pos.shape[0])
-    check_bounds(pos, k_out.shape[2], type(self).__name__)
-    k, v = write(mode, k_out, pos, key), write(mode, v_out, pos, value)
-    _store(self, layer_idx, k, v)
-    return k, v
+    return _list_static(mode, self, layer_idx, k_out, v_out, key_states, value_states, cache_position)
 
 
 def hybrid_sliding_update(
@@ -309,12 +318,7 @@ def hybrid_dispatch_update(
     k, v = self.key_cache[layer_idx], self.value_cache[layer_idx]
     if bool(self.is_sliding[layer_idx]):
         return _list_window(mode, opts, self, layer_idx, k, v, key_states, value_states, pos)
-    pos = positions(pos, k.device)
-    key, value = kv(k, v, key_states, value_states, pos.shape[0])
-    check_bounds(pos, k.shape[2], type(self).__name__)
-    k, v = write(mode, k, pos, key), write(mode, v, pos, value)
-    _store(self, layer_idx, k, v)
-    return k, v
+    return _list_static(mode, self, layer_idx, k, v, key_states, value_states, pos)
 
 
 def list_seq_length(
