@@ -71,6 +71,9 @@ def test_wrong_value_shape_rejected_before_any_write(cache):
 
 
 def test_integer_states_rejected(cache):
+    st = xla_cache_patch.status()
+    if st.era == "helper-functions" and st.mode == "inplace":
+        pytest.skip("4.52-4.53: StaticCache.update casts to the cache dtype before the helper we wrap")
     snap = _snapshot(cache)
     key, value = _kv()
     with pytest.raises(TypeError, match="floating-point"):
