@@ -29,6 +29,7 @@ SUITE = [
     "tests/test_bad_input.py",
     "tests/test_registry.py",
     "tests/test_xla_decode.py",
+    "tests/test_xla_overflow.py",
 ]
 
 

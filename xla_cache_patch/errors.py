@@ -17,10 +17,13 @@ class CacheOverflowError(XlaCachePatchError, IndexError):
     def __init__(self, capacity: int, position: int, where: str = "StaticCache") -> None:
         self.capacity = capacity
         self.position = position
-        super().__init__(
-            f"{where}: position {position} is beyond the cache capacity of {capacity} slots "
-            f"(valid positions are 0..{capacity - 1}); allocate the cache with a larger max_cache_len"
-        )
+        if position < 0:
+            fix = "positions count from 0; pass the absolute cache_position of each token"
+            problem = f"position {position} is negative"
+        else:
+            fix = "allocate the cache with a larger max_cache_len"
+            problem = f"position {position} is beyond the cache capacity of {capacity} slots"
+        super().__init__(f"{where}: {problem} (valid positions are 0..{capacity - 1}); {fix}")
 
 
 class XlaCachePatchWarning(UserWarning):
