@@ -16,8 +16,8 @@ import torch_xla
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import xla_cache_patch  # noqa: E402
-from tests import cachekit  # noqa: E402
+import xla_cache_patch
+from tests import cachekit
 
 MAX_LEN = 8
 
@@ -45,11 +45,11 @@ def main() -> None:
         cache.update(ones * -7, ones * -7, 0, {"cache_position": p})
         torch_xla.sync()
         result["raised"] = None
-    except Exception as exc:  # noqa: BLE001 - the type is what we measure
+    except Exception as exc:
         result["raised"] = type(exc).__name__
         result["message"] = str(exc)
     after = [b.cpu() for b in cachekit.buffers(cache)]
-    result["cache_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
+    result["cache_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     result["wrote_sentinel"] = any(bool((a == -7).any()) for a in after)
     print("RESULT " + json.dumps(result))
 
