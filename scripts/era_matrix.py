@@ -30,6 +30,8 @@ SUITE = [
     "tests/test_registry.py",
     "tests/test_xla_decode.py",
     "tests/test_xla_overflow.py",
+    "tests/test_xla_spmd.py",
+    "tests/test_spmd_unit.py",
 ]
 
 

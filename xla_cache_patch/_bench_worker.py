@@ -65,9 +65,10 @@ def _count() -> Iterator[Counts]:
     met.clear_all()
     yield counts
     counts.compiles = int(_metric(met, "CompileTime", 0))
-    counts.executions = int(_metric(met, "ExecuteTime", 0))
+    execute = ("ExecuteTime", "ExecuteReplicatedTime")  # the second under SPMD
+    counts.executions = int(sum(_metric(met, name, 0) for name in execute))
     counts.aliased_buffers = int(_metric(met, "InputOutputAliasCount", 1))
-    counts.execute_time_ns = int(_metric(met, "ExecuteTime", 1))
+    counts.execute_time_ns = int(sum(_metric(met, name, 1) for name in execute))
 
 
 def _compile_counter() -> Callable[[], int]:
@@ -79,7 +80,9 @@ def _compile_counter() -> Callable[[], int]:
 def _load_model(args: argparse.Namespace) -> Any:
     """The tiny default, or a local checkpoint (``local_files_only``: the bench never downloads)."""
     if not args.model:
-        return tiny.tiny_model(args.layers, args.hidden)
+        # SPMD splits the cache on kv heads: give every head its own K/V (4 of them) so 4 devices can.
+        kv_heads = tiny.NUM_HEADS if args.spmd else tiny.NUM_KV_HEADS
+        return tiny.tiny_model(args.layers, args.hidden, kv_heads=kv_heads)
     from transformers import AutoModelForCausalLM
 
     # float32 after loading: the dtype keyword changed name across releases (torch_dtype -> dtype).
@@ -107,8 +110,8 @@ def _new_tokens_of(out: Any, prompt: Any) -> Any:
     return out
 
 
-def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> tuple[Any, list[int]]:
-    """One generation of ``new_tokens`` tokens; returns them (CPU) and per-step compiles (loops)."""
+def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> tuple[Any, list[int], Any]:
+    """One generation of ``new_tokens`` tokens: the tokens (CPU), per-step compiles (loops), the cache."""
     if variant.startswith("loop-"):
         sync = compiles = None
         if on_xla:
@@ -116,13 +119,39 @@ def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> t
 
             sync, compiles = torch_xla.sync, _compile_counter()
         result = tiny.decode_loop(model, ids, new_tokens, sync=sync, compiles=compiles)
-        return result.tokens, result.step_compiles
+        return result.tokens, result.step_compiles, result.cache
     device = next(model.parameters()).device
     inputs = ids.to(device)
     tiny.drop_model_cache(model)
     # generate-patched calls the same public API: with apply(generate=True) it takes the fast path.
-    out = model.generate(inputs, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
-    return _new_tokens_of(out, ids), []
+    out = model.generate(
+        inputs,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+    )
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    return _new_tokens_of(out.sequences, ids), [], cache
+
+
+def kv_sharding(cache: Any) -> str:
+    """How the cache's buffers sit on the mesh: "heads/N" when every one is split N ways on heads."""
+    import torch_xla
+
+    if cache is None:
+        return "-"
+    if hasattr(cache, "layers"):
+        buffers = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    else:
+        buffers = [*cache.key_cache, *cache.value_cache]
+    specs = {torch_xla._XLAC._get_xla_sharding_spec(b) for b in buffers if b is not None}
+    if len(specs) == 1:
+        spec = specs.pop()
+        if spec.startswith("{devices=[1,") and spec.split("]")[0].endswith(",1,1"):
+            return f"heads/{spec.split(',')[1]}"
+        return spec.strip("{}") or "none"
+    return "mixed: " + ", ".join(sorted(specs))
 
 
 def _require_fast_path(variant: str) -> None:
@@ -204,18 +233,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     _fixed_length(model)
     ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
     with torch.no_grad():
-        reference, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=False)
+        reference, _, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=False)
     tiny.drop_model_cache(model)
     row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
     model = _to_xla(model, args.spmd)
 
     with torch.no_grad(), _count() as cold:
         start = time.perf_counter()
-        tokens, step_compiles = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
+        tokens, step_compiles, cache = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
         wall = time.perf_counter() - start
     with torch.no_grad(), _count() as steady:
         start = time.perf_counter()
-        again, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
+        again, _, cache = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
         steady_wall = time.perf_counter() - start
 
     ms_per_token = 1000 * steady_wall / args.new_tokens
@@ -236,6 +265,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         tokens=tokens[0].tolist(),
         environment=_environment(model, args),
     )
+    if args.spmd:
+        row["kv_sharding"] = kv_sharding(cache)
     return row
 
 

@@ -238,13 +238,15 @@ TABLE_COLUMNS = (
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, ready to paste into the README."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    sharded = any("kv_sharding" in row for row in rows)  # --spmd: where the KV buffers ended up
+    columns = TABLE_COLUMNS + (("KV buffers on mesh",) if sharded else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         tokens = str(row["new_tokens"])
         if row.get("capped"):
             tokens = f"{row['new_tokens']} (capped from {row['requested_new_tokens']})"
         if "error" in row:
-            cells = [row["variant"], tokens, f"error: {row['error']}"] + [""] * (len(TABLE_COLUMNS) - 3)
+            cells = [row["variant"], tokens, f"error: {row['error']}"] + [""] * (len(columns) - 3)
         else:
             cells = [
                 row["variant"],
@@ -258,6 +260,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row.get("execute_ms_per_step"), 2),
                 _fmt(row.get("host_overhead"), 1),
             ]
+            if sharded:
+                cells.append(_fmt(row.get("kv_sharding")))
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines)
 

@@ -182,6 +182,14 @@ def forward_spec(model_cls: type) -> ForwardSpec | None:
     return ForwardSpec(cache_kwarg, "cache_position" in params, logits_kwarg)
 
 
+def _spmd() -> bool:
+    """Under SPMD each step is traced (a graph-cache hit, no compile), not replayed: the replay reads
+    single-device buffers, and sharded ones come back as new handles every step."""
+    import torch_xla.runtime as xr
+
+    return bool(xr.is_spmd())
+
+
 def _require(condition: bool, reason: str) -> None:
     if not condition:
         raise Fallback(reason)
@@ -456,7 +464,7 @@ def plan_request(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opti
         output_scores=bool(config.output_scores),
         output_logits=bool(config.output_logits),
         eos_check_every=options.eos_check_every,
-        replay=options.replay,
+        replay=options.replay and not _spmd(),
         prompt_bucket=bucket,
         cache_len=cache_len,
         cache=cache,

@@ -29,8 +29,10 @@ _UINT64_MAX = 18446744073709551615
 
 
 def _executions() -> int:
-    data = met.metric_data("ExecuteTime")
-    return int(data[0]) if data else 0
+    """Graphs run so far; SPMD records them as ExecuteReplicatedTime."""
+    return sum(
+        int(data[0]) for name in ("ExecuteTime", "ExecuteReplicatedTime") if (data := met.metric_data(name))
+    )
 
 
 def cache_tensors(cache: Any) -> list[torch.Tensor]:

@@ -99,7 +99,20 @@ def kv(
     k: torch.Tensor, v: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n: int | None = None
 ) -> Pair:
     """Both states checked before anything is written, so a bad value never leaves a half-written cache."""
-    return states(k, key, n, "key_states"), states(v, value, n, "value_states")
+    checked = states(k, key, n, "key_states"), states(v, value, n, "value_states")
+    if _buffer_hook is not None:
+        _buffer_hook(k)
+        _buffer_hook(v)
+    return checked
+
+
+_buffer_hook: Callable[[torch.Tensor], None] | None = None
+
+
+def set_buffer_hook(hook: Callable[[torch.Tensor], None] | None) -> None:
+    """Run ``hook`` on each cache buffer before a patched write (``xla_cache_patch.spmd`` shards them)."""
+    global _buffer_hook
+    _buffer_hook = hook
 
 
 def _cache_position(cache_kwargs: Mapping[str, Any] | None) -> Any:

@@ -47,7 +47,10 @@ def _snapshot() -> _Snapshot:
         return (0, 0) if data is None else (int(data[0]), int(data[1]))
 
     compiles, _ = totals("CompileTime")
-    executions, execute_ns = totals("ExecuteTime")  # accumulator in nanoseconds
+    # Accumulators in nanoseconds; under SPMD a graph runs on all devices as ExecuteReplicatedTime.
+    executions, execute_ns = (
+        sum(pair) for pair in zip(totals("ExecuteTime"), totals("ExecuteReplicatedTime"), strict=True)
+    )
     _, aliased = totals("InputOutputAliasCount")  # one sample per compiled graph: its aliased buffers
     return _Snapshot(compiles, executions, execute_ns, aliased)
 

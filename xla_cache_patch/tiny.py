@@ -26,9 +26,16 @@ NUM_KV_HEADS = 2
 
 
 def tiny_config(
-    layers: int = DEFAULT_LAYERS, hidden: int = DEFAULT_HIDDEN, vocab: int = DEFAULT_VOCAB
+    layers: int = DEFAULT_LAYERS,
+    hidden: int = DEFAULT_HIDDEN,
+    vocab: int = DEFAULT_VOCAB,
+    *,
+    kv_heads: int = NUM_KV_HEADS,
 ) -> Any:
-    """LlamaConfig of the project's reference model; ``hidden`` must split into 4 heads."""
+    """LlamaConfig of the project's reference model; ``hidden`` must split into 4 heads.
+
+    ``kv_heads=4`` gives a cache that splits over 4 devices (SPMD); the default 2 is grouped-query.
+    """
     if hidden % (2 * NUM_HEADS):
         raise ValueError(f"hidden={hidden} must be a multiple of {2 * NUM_HEADS} (4 heads, even head_dim)")
     from transformers import LlamaConfig
@@ -39,18 +46,24 @@ def tiny_config(
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
     )
 
 
-def tiny_model(layers: int = DEFAULT_LAYERS, hidden: int = DEFAULT_HIDDEN, seed: int = DEFAULT_SEED) -> Any:
+def tiny_model(
+    layers: int = DEFAULT_LAYERS,
+    hidden: int = DEFAULT_HIDDEN,
+    seed: int = DEFAULT_SEED,
+    *,
+    kv_heads: int = NUM_KV_HEADS,
+) -> Any:
     """Random-weight ``LlamaForCausalLM`` in eval mode; the seed makes tokens reproducible."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(layers, hidden)).eval()
+    return LlamaForCausalLM(tiny_config(layers, hidden, kv_heads=kv_heads)).eval()
 
 
 def prompt_ids(
@@ -113,11 +126,12 @@ def cache_argument(model: Any) -> str:
 
 @dataclass
 class DecodeResult:
-    """New tokens (CPU, shape (1, n)) and per-step host wall time and compile counts."""
+    """New tokens (CPU, shape (1, n)), per-step host wall time and compile counts, and the cache."""
 
     tokens: torch.Tensor
     step_seconds: list[float] = field(default_factory=list)
     step_compiles: list[int] = field(default_factory=list)
+    cache: Any = None
 
 
 def decode_loop(
@@ -147,7 +161,7 @@ def decode_loop(
     x = input_ids.to(device)
     pos = torch.arange(x.shape[1], device=device)
     out: list[torch.Tensor] = []
-    result = DecodeResult(tokens=torch.empty(1, 0, dtype=torch.long))
+    result = DecodeResult(tokens=torch.empty(1, 0, dtype=torch.long), cache=cache)
     with torch.no_grad():
         for _ in range(new_tokens):
             before = compiles() if compiles else 0
