@@ -150,7 +150,7 @@ def kv_sharding(cache: Any) -> str:
         spec = specs.pop()
         if spec.startswith("{devices=[1,") and spec.split("]")[0].endswith(",1,1"):
             return f"heads/{spec.split(',')[1]}"
-        return spec.strip("{}") or "none"
+        return spec.strip("{}") or "replicated"  # SPMD replicates what carries no annotation
     return "mixed: " + ", ".join(sorted(specs))
 
 
