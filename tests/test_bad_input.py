@@ -86,3 +86,14 @@ def test_other_float_dtype_is_cast(cache):
     k, _ = cache.update(key, value, 0, {"cache_position": torch.tensor([3])})
     assert k.dtype == torch.float32
     assert torch.equal(k[:, :, 3:4], key.float())
+
+
+@pytest.mark.parametrize("positions", [[-1], [6, 7, 8, 9]])
+def test_negative_or_straddling_positions_write_nothing(cache, positions):
+    """A chunk that starts inside and ends past the cache writes none of its rows, not the first two."""
+    if not _needs_positions():
+        pytest.skip("this era derives positions from its own counter")
+    snap = _snapshot(cache)
+    with pytest.raises(CacheOverflowError, match="negative" if positions[0] < 0 else "position 9"):
+        cache.update(*_kv(len(positions)), 0, {"cache_position": torch.tensor(positions)})
+    assert _unchanged(cache, snap)
