@@ -8,36 +8,23 @@ The planning tests at the bottom need neither torch_xla nor a subprocess.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.xla_run import run_script
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "xla_scripts" / "gen_cases.py"
 ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
 
 
 def run_case(*args: str, era: Path | None = None, timeout: int = 600) -> dict[str, Any]:
     pytest.importorskip("torch_xla")
-    env = dict(os.environ)
-    env["PJRT_DEVICE"] = "CPU"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(p) for p in (era, ROOT) if p is not None] + [env.get("PYTHONPATH", "")]
-    ).rstrip(os.pathsep)
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_script("gen_cases.py", *args, era=era, timeout=timeout)
 
 
 @pytest.mark.parametrize("model", ["llama", "mistral"])

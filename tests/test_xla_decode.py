@@ -6,49 +6,19 @@ compiled graph's code mapped, and many graphs in one process crash it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.xla_run import run_script
 
 pytest.importorskip("torch_xla")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "xla_scripts" / "decode_check.py"
 pytestmark = [pytest.mark.xla, pytest.mark.slow]
 
 
 def decode(model: str, mode: str, steps: int = 12) -> dict:
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_CACHE_PATCH": "0"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--model",
-            model,
-            "--mode",
-            mode,
-            "--steps",
-            str(steps),
-            "--prompt",
-            "4",
-            "--window",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    args = ["--model", model, "--mode", mode, "--steps", str(steps), "--prompt", "4", "--window", "6"]
+    return run_script("decode_check.py", *args, timeout=600)
 
 
 @pytest.mark.parametrize("model", ["llama", "mistral"])

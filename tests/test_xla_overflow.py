@@ -8,37 +8,19 @@ its own process (tests/xla_scripts/overflow_check.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.xla_run import run_script
 
 pytest.importorskip("torch_xla")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "xla_scripts" / "overflow_check.py"
 pytestmark = [pytest.mark.xla, pytest.mark.slow]
 
 
 def overflow(mode: str, position: int, checks: bool) -> dict:
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_CACHE_PATCH": "0"}
-    env["XLA_CACHE_PATCH_CHECKS"] = "1" if checks else "0"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--mode", mode, "--position", str(position)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    env = {"XLA_CACHE_PATCH_CHECKS": "1" if checks else "0"}
+    return run_script("overflow_check.py", "--mode", mode, "--position", str(position), env=env)
 
 
 @pytest.mark.parametrize("mode", ["stock", "inplace"])

@@ -8,37 +8,20 @@ sharded on the heads axis after every step, never replicated. Each case runs in 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.xla_run import run_script
 
 pytest.importorskip("torch_xla")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "xla_scripts" / "spmd_check.py"
 HEADS_SHARDED = "{devices=[1,4,1,1]0,1,2,3}"  # (batch, heads, positions, head_dim): heads split 4 ways
 pytestmark = [pytest.mark.xla, pytest.mark.slow]
 
 
 def spmd_check(case: str, mode: str, steps: int = 12) -> dict:
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "XLA_CACHE_PATCH": "0"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), case, "--mode", mode, "--steps", str(steps)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=ROOT,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :])
+    args = [case, "--mode", mode, "--steps", str(steps)]
+    return run_script("spmd_check.py", *args, env={"CPU_NUM_DEVICES": "4"})
 
 
 @pytest.mark.parametrize("mode", ["inplace", "functional"])

@@ -31,16 +31,18 @@ def tiny_config(
     vocab: int = DEFAULT_VOCAB,
     *,
     kv_heads: int = NUM_KV_HEADS,
+    sliding_window: int | None = None,
 ) -> Any:
-    """LlamaConfig of the project's reference model; ``hidden`` must split into 4 heads.
+    """Config of the project's reference model; ``hidden`` must split into 4 heads.
 
     ``kv_heads=4`` gives a cache that splits over 4 devices (SPMD); the default 2 is grouped-query.
+    ``sliding_window`` makes it a Mistral, whose static cache rolls a window of that many slots.
     """
     if hidden % (2 * NUM_HEADS):
         raise ValueError(f"hidden={hidden} must be a multiple of {2 * NUM_HEADS} (4 heads, even head_dim)")
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MistralConfig
 
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -49,6 +51,9 @@ def tiny_config(
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
     )
+    if sliding_window is not None:
+        return MistralConfig(sliding_window=sliding_window, **fields)
+    return LlamaConfig(**fields)
 
 
 def tiny_model(
@@ -57,13 +62,15 @@ def tiny_model(
     seed: int = DEFAULT_SEED,
     *,
     kv_heads: int = NUM_KV_HEADS,
+    sliding_window: int | None = None,
 ) -> Any:
-    """Random-weight ``LlamaForCausalLM`` in eval mode; the seed makes tokens reproducible."""
+    """Random-weight Llama (or Mistral) for causal LM in eval mode; the seed makes tokens reproducible."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM
 
+    config = tiny_config(layers, hidden, kv_heads=kv_heads, sliding_window=sliding_window)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(layers, hidden, kv_heads=kv_heads)).eval()
+    return (LlamaForCausalLM if sliding_window is None else MistralForCausalLM)(config).eval()
 
 
 def prompt_ids(

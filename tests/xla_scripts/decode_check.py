@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+from typing import Any
 
 import torch
 import torch_xla
@@ -19,27 +20,23 @@ import xla_cache_patch
 from xla_cache_patch import tiny
 
 
-def build(model: str, window: int, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    if model == "mistral":
-        return transformers.MistralForCausalLM(
-            transformers.MistralConfig(sliding_window=window, **common)
-        ).eval()
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
-
-
 def metric(name: str, index: int) -> float:
     data = met.metric_data(name)
     return data[index] if data else 0
+
+
+def window_cache(model: torch.nn.Module, args: argparse.Namespace, device: Any) -> Any:
+    """Up to 4.55 Mistral's StaticCache is full-length: build its SlidingWindowCache explicitly."""
+    sliding = getattr(transformers, "SlidingWindowCache", None)
+    if args.model != "mistral" or sliding is None or "max_cache_len" not in str(inspect.signature(sliding)):
+        return None  # decode_loop builds the era's StaticCache (sliding layers from 4.56 on)
+    return sliding(
+        config=model.config,
+        max_batch_size=1,
+        max_cache_len=args.cache_len,
+        device=device,
+        dtype=torch.float32,
+    )
 
 
 def main() -> None:
@@ -52,18 +49,9 @@ def main() -> None:
     ap.add_argument("--cache-len", type=int, default=32)
     args = ap.parse_args()
 
-    model = build(args.model, args.window)
+    model = tiny.tiny_model(sliding_window=args.window if args.model == "mistral" else None)
     ids = tiny.prompt_ids(length=args.prompt)
-    ref_cache = None
-    sliding = getattr(transformers, "SlidingWindowCache", None)
-    if args.model == "mistral" and sliding is not None and "max_cache_len" in str(inspect.signature(sliding)):
-        ref_cache = sliding(
-            config=model.config,
-            max_batch_size=1,
-            max_cache_len=args.cache_len,
-            device="cpu",
-            dtype=torch.float32,
-        )
+    ref_cache = window_cache(model, args, "cpu")
     ref = tiny.decode_loop(model, ids, args.steps, cache=ref_cache, max_cache_len=args.cache_len).tokens
     if args.mode != "stock":
         assert xla_cache_patch.apply(mode=args.mode, strict=True, generate=False)
@@ -71,17 +59,7 @@ def main() -> None:
     model = model.to(device)
     torch_xla.sync()
     met.clear_all()
-    cache = None
-    sliding = getattr(transformers, "SlidingWindowCache", None)
-    if args.model == "mistral" and sliding is not None and "max_cache_len" in str(inspect.signature(sliding)):
-        # Up to 4.55 Mistral's StaticCache is full-length: build the window cache explicitly.
-        cache = sliding(
-            config=model.config,
-            max_batch_size=1,
-            max_cache_len=args.cache_len,
-            device=device,
-            dtype=torch.float32,
-        )
+    cache = window_cache(model, args, device)
     got = tiny.decode_loop(
         model,
         ids,

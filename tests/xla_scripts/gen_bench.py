@@ -35,17 +35,9 @@ def _child(part: str, new_tokens: int, steady_tokens: int) -> dict[str, Any]:
         data = met.metric_data("CompileTime")
         return int(data[0]) if data else 0
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    from xla_cache_patch import tiny
+
+    model = tiny.tiny_model(seed=0)  # then the prompt from the global generator, as before
     ids = torch.randint(3, 256, (1, 8))
     ref = model.generate(
         ids, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static", eos_token_id=None

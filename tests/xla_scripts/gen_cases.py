@@ -26,6 +26,7 @@ import transformers
 
 import xla_cache_patch
 import xla_cache_patch.fastgen
+from xla_cache_patch import tiny
 
 VOCAB = 256
 PAD = VOCAB - 1
@@ -56,19 +57,7 @@ _logger.setLevel(logging.DEBUG)
 
 
 def build(kind: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    if kind == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=16, **common)).eval()
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    return tiny.tiny_model(seed=seed, sliding_window=16 if kind == "mistral" else None)
 
 
 def prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

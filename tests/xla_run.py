@@ -1,0 +1,43 @@
+"""Run a script of tests/xla_scripts in its own process and read its ``RESULT {json}`` line.
+
+XLA:CPU keeps every compiled graph's code mapped and dies near 40 graphs in one process, and the
+SPMD device count is fixed when torch_xla starts: so each XLA case gets a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "xla_scripts"
+
+
+def run_script(
+    name: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    era: Path | None = None,
+    timeout: int = 900,
+) -> dict[str, Any]:
+    """``python tests/xla_scripts/<name> *args`` on XLA:CPU with the patch off at start-up."""
+    child = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_CACHE_PATCH": "0", **(env or {})}
+    paths = [str(p) for p in (era, ROOT) if p is not None] + [child.get("PYTHONPATH", "")]
+    child["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child,
+        cwd=ROOT,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (
+        f"{name} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
