@@ -8,9 +8,13 @@ sharded on the heads axis after every step, never replicated. Each case runs in 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from tests.xla_run import run_script
+from tests.xla_run import ROOT, run_script
 
 pytest.importorskip("torch_xla")
 pytest.importorskip("transformers")
@@ -45,3 +49,22 @@ def test_fast_generate_on_four_devices(mode):
     assert 0 < first["compiles"] <= 3 and second["compiles"] == 0, out
     assert set(first["buffer_specs"]) == set(second["buffer_specs"]) == {HEADS_SHARDED}, out
     assert all(line.startswith("fast path") for line in out["log"]), out["log"]
+
+
+def test_example_runs():
+    """examples/spmd_tiny_llama.py, the README's recipe, as a user runs it."""
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "XLA_CACHE_PATCH": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    example = ROOT / "examples" / "spmd_tiny_llama.py"
+    proc = subprocess.run(
+        [sys.executable, str(example), "--new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = next(line for line in proc.stdout.splitlines() if line.startswith("second call"))
+    assert "0 compiles" in second and "equal CPU eager: True" in second, proc.stdout
+    assert HEADS_SHARDED in second, proc.stdout

@@ -131,7 +131,7 @@ def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> t
         cache_implementation="static",
         return_dict_in_generate=True,
     )
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     return _new_tokens_of(out.sequences, ids), [], cache
 
 

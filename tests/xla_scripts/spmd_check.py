@@ -111,7 +111,7 @@ def case_generate(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
         before = compiles()
         out = model.generate(x, return_dict_in_generate=True, **kwargs)
         torch_xla.sync()
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         calls.append(
             {
                 "compiles": compiles() - before,
