@@ -42,9 +42,7 @@ def main() -> None:
     for call in ("first", "second"):
         with xla_cache_patch.count_compiles() as counter:
             out = model.generate(ids.to(torch_xla.device()), return_dict_in_generate=True, **kwargs)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        layer = cache.layers[0] if hasattr(cache, "layers") else None
-        keys = layer.keys if layer is not None else cache.key_cache[0]
+        keys = tiny.cache_buffers(tiny.returned_cache(out))[0]
         print(
             f"{call} call on {devices} devices: {counter.compiles} compiles, "
             f"tokens equal CPU eager: {torch.equal(out.sequences.cpu(), reference)}, "

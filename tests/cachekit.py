@@ -11,6 +11,8 @@ import torch
 import transformers
 from transformers import cache_utils
 
+from xla_cache_patch.tiny import cache_buffers as buffers  # noqa: F401 - ck.buffers in the tests
+
 HEADS, HEAD_DIM = 2, 4
 
 
@@ -83,12 +85,6 @@ def _eager_layers() -> bool:
 def _lazy_layers() -> bool:
     layer = getattr(cache_utils, "StaticLayer", None)
     return layer is not None and hasattr(layer, "lazy_initialization")
-
-
-def buffers(cache: Any) -> list[torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
-    return [*cache.key_cache, *cache.value_cache]
 
 
 def n_layers(cache: Any) -> int:

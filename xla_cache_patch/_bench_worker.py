@@ -18,11 +18,11 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from xla_cache_patch import tiny
+from xla_cache_patch.metrics import count_compiles
 
 VARIANTS = ("generate-stock", "generate-patched", "loop-stock", "loop-inplace", "loop-functional")
 PATCH_MODE = {"generate-patched": "inplace", "loop-inplace": "inplace", "loop-functional": "functional"}
@@ -31,44 +31,9 @@ SPMD_UNAVAILABLE = 3  # exit code: the sharding hook is not there
 SPMD_MISSING = "SPMD sharding is not available in this build (xla_cache_patch.spmd.shard_model is missing)"
 
 
-@dataclass
-class Counts:
-    """XLA metrics over one run."""
-
-    compiles: int = 0
-    executions: int = 0
-    aliased_buffers: int = 0
-    execute_time_ns: int = 0
-
-
 def _metric(met: Any, name: str, index: int) -> float:
     data = met.metric_data(name)
     return data[index] if data else 0
-
-
-@contextlib.contextmanager
-def _count() -> Iterator[Counts]:
-    """Count compiles/executions/aliasing inside the block, via ``count_compiles`` when present."""
-    counts = Counts()
-    try:
-        from xla_cache_patch import count_compiles
-    except ImportError:
-        count_compiles = None
-    if count_compiles is not None:
-        with count_compiles() as c:
-            yield counts
-        counts.compiles, counts.executions = int(c.compiles), int(c.executions)
-        counts.aliased_buffers, counts.execute_time_ns = int(c.aliased_buffers), int(c.execute_time_ns)
-        return
-    import torch_xla.debug.metrics as met
-
-    met.clear_all()
-    yield counts
-    counts.compiles = int(_metric(met, "CompileTime", 0))
-    execute = ("ExecuteTime", "ExecuteReplicatedTime")  # the second under SPMD
-    counts.executions = int(sum(_metric(met, name, 0) for name in execute))
-    counts.aliased_buffers = int(_metric(met, "InputOutputAliasCount", 1))
-    counts.execute_time_ns = int(sum(_metric(met, name, 1) for name in execute))
 
 
 def _compile_counter() -> Callable[[], int]:
@@ -131,8 +96,7 @@ def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> t
         cache_implementation="static",
         return_dict_in_generate=True,
     )
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    return _new_tokens_of(out.sequences, ids), [], cache
+    return _new_tokens_of(out.sequences, ids), [], tiny.returned_cache(out)
 
 
 def kv_sharding(cache: Any) -> str:
@@ -141,11 +105,7 @@ def kv_sharding(cache: Any) -> str:
 
     if cache is None:
         return "-"
-    if hasattr(cache, "layers"):
-        buffers = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    else:
-        buffers = [*cache.key_cache, *cache.value_cache]
-    specs = {torch_xla._XLAC._get_xla_sharding_spec(b) for b in buffers if b is not None}
+    specs = {torch_xla._XLAC._get_xla_sharding_spec(b) for b in tiny.cache_buffers(cache)}
     if len(specs) == 1:
         spec = specs.pop()
         if spec.startswith("{devices=[1,") and spec.split("]")[0].endswith(",1,1"):
@@ -238,11 +198,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
     model = _to_xla(model, args.spmd)
 
-    with torch.no_grad(), _count() as cold:
+    with torch.no_grad(), count_compiles() as cold:
         start = time.perf_counter()
         tokens, step_compiles, cache = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
         wall = time.perf_counter() - start
-    with torch.no_grad(), _count() as steady:
+    with torch.no_grad(), count_compiles() as steady:
         start = time.perf_counter()
         again, _, cache = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
         steady_wall = time.perf_counter() - start

@@ -15,6 +15,9 @@ from typing import Any
 
 __all__ = ["CompileCounter", "count_compiles"]
 
+#: torch_xla's metrics of graph executions: one device, and SPMD (a graph run on every device).
+EXECUTE_METRICS = ("ExecuteTime", "ExecuteReplicatedTime")
+
 
 @dataclass(frozen=True)
 class _Snapshot:
@@ -47,10 +50,8 @@ def _snapshot() -> _Snapshot:
         return (0, 0) if data is None else (int(data[0]), int(data[1]))
 
     compiles, _ = totals("CompileTime")
-    # Accumulators in nanoseconds; under SPMD a graph runs on all devices as ExecuteReplicatedTime.
-    executions, execute_ns = (
-        sum(pair) for pair in zip(totals("ExecuteTime"), totals("ExecuteReplicatedTime"), strict=True)
-    )
+    # Accumulators in nanoseconds, summed over the one-device and the SPMD metric.
+    executions, execute_ns = (sum(pair) for pair in zip(*map(totals, EXECUTE_METRICS), strict=True))
     _, aliased = totals("InputOutputAliasCount")  # one sample per compiled graph: its aliased buffers
     return _Snapshot(compiles, executions, execute_ns, aliased)
 
@@ -89,7 +90,7 @@ class CompileCounter:
 
     @property
     def executions(self) -> int:
-        """Compiled graphs executed in the block (``ExecuteTime`` samples)."""
+        """Compiled graphs executed in the block (``ExecuteTime`` / ``ExecuteReplicatedTime`` samples)."""
         return self._delta("executions")
 
     @property

@@ -143,18 +143,12 @@ def annotate(buf: torch.Tensor) -> None:
 
 def shard_cache(cache: Any) -> Any:
     """Annotate every allocated buffer of ``cache`` now (lazily allocated ones follow on first write)."""
+    from xla_cache_patch import tiny
+
     if _layout is None:
         raise RuntimeError("xla_cache_patch.spmd.shard_cache: call configure(mesh) or shard_model() first")
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        buffers = [
-            t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        ]
-    else:
-        buffers = [*getattr(cache, "key_cache", ()), *getattr(cache, "value_cache", ())]
-    for buf in buffers:
-        if buf is not None and hasattr(buf, "device"):
-            annotate(buf)
+    for buf in tiny.cache_buffers(cache):
+        annotate(buf)
     return cache
 
 

@@ -125,6 +125,23 @@ def drop_model_cache(model: Any) -> None:
         modules.pop("_cache", None)
 
 
+def cache_buffers(cache: Any) -> list[torch.Tensor]:
+    """The K and V buffers of every layer: ``layers[i].keys/.values`` (4.54+) or ``key_cache`` lists.
+
+    Lazily allocated layers (4.56+) that have not been written yet have none and are skipped.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
+    return [*cache.key_cache, *cache.value_cache]
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache of a ``return_dict_in_generate`` output: 5.24 renamed ``past_key_values`` to ``cache``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def cache_argument(model: Any) -> str:
     """Name of the forward's cache argument: 5.24 renamed ``past_key_values`` to ``cache``."""
     params = inspect.signature(model.forward).parameters

@@ -35,11 +35,7 @@ def aliased() -> int:
 
 
 def buffer_specs(cache: Any) -> list[str]:
-    if hasattr(cache, "layers"):
-        buffers = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    else:
-        buffers = [*cache.key_cache, *cache.value_cache]
-    return [torch_xla._XLAC._get_xla_sharding_spec(b) for b in buffers if b is not None]
+    return [torch_xla._XLAC._get_xla_sharding_spec(b) for b in tiny.cache_buffers(cache)]
 
 
 def weight_specs(model: torch.nn.Module) -> dict[str, str]:
@@ -111,7 +107,7 @@ def case_generate(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
         before = compiles()
         out = model.generate(x, return_dict_in_generate=True, **kwargs)
         torch_xla.sync()
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache = tiny.returned_cache(out)
         calls.append(
             {
                 "compiles": compiles() - before,
