@@ -3,6 +3,7 @@
 Run in its own process, with the devices set before torch_xla starts:
     CPU_NUM_DEVICES=4 PJRT_DEVICE=CPU python tests/xla_scripts/spmd_check.py decode --mode inplace
     CPU_NUM_DEVICES=4 PJRT_DEVICE=CPU python tests/xla_scripts/spmd_check.py generate --mode functional
+    CPU_NUM_DEVICES=4 PJRT_DEVICE=CPU python tests/xla_scripts/spmd_check.py just-synced
 """
 
 from __future__ import annotations
@@ -124,20 +125,45 @@ def case_generate(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
     }
 
 
+def case_just_synced(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """Annotate buffers right after a sync while the device is still busy (the CI race of 4.53)."""
+    mesh = spmd.make_mesh(DEVICES)
+    spmd.configure(mesh)
+    errors: list[str] = []
+    specs: set[str] = set()
+    for _ in range(args.steps):
+        buf = torch.zeros(1, DEVICES, 4096, 64, device=torch_xla.device())
+        busy = torch.randn(512, 512, device=torch_xla.device())
+        for _ in range(5):
+            busy = busy @ busy
+        torch_xla.sync()  # buf now holds a placeholder until this execution finishes
+        try:
+            spmd.annotate(buf)
+            buf.add_(1)
+            torch_xla.sync()
+            specs.add(torch_xla._XLAC._get_xla_sharding_spec(buf))
+        except RuntimeError as exc:
+            errors.append(str(exc)[:200])
+    return {"errors": errors, "specs": sorted(specs)}
+
+
 def apply(mode: str, generate: bool = False) -> None:
     if mode != "stock":
         assert xla_cache_patch.apply(mode=mode, strict=True, generate=generate)
 
 
+CASES = {"decode": case_decode, "generate": case_generate, "just-synced": case_just_synced}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=["decode", "generate"])
+    ap.add_argument("case", choices=sorted(CASES))
     ap.add_argument("--mode", choices=["stock", "inplace", "functional"], default="inplace")
     ap.add_argument("--steps", type=int, default=12)
     args = ap.parse_args()
     spmd.make_mesh(DEVICES)  # SPMD on before any tensor reaches the device
     model = tiny.tiny_model(kv_heads=DEVICES)
-    result = (case_decode if args.case == "decode" else case_generate)(model, args)
+    result = CASES[args.case](model, args)
     result.update(transformers=transformers.__version__, mode=args.mode, case=args.case)
     result["era"] = xla_cache_patch.status().era
     print("RESULT " + json.dumps(result))
