@@ -20,7 +20,7 @@ import torch
 import torch_xla
 
 import xla_cache_patch
-from xla_cache_patch import tiny
+from xla_cache_patch.tools import tiny
 
 
 def timed(run: Callable[[], torch.Tensor], new_tokens: int) -> tuple[torch.Tensor, int, float]:

@@ -19,7 +19,8 @@ import torch
 import torch_xla
 
 import xla_cache_patch
-from xla_cache_patch import spmd, tiny
+from xla_cache_patch import compat, spmd
+from xla_cache_patch.tools import tiny
 
 
 def main() -> None:
@@ -35,14 +36,14 @@ def main() -> None:
     ids = tiny.prompt_ids()
     kwargs = {"max_new_tokens": args.new_tokens, "do_sample": False, "cache_implementation": "static"}
     reference = model.generate(ids, **kwargs)  # CPU eager, unpatched
-    tiny.drop_model_cache(model)
+    compat.drop_model_cache(model)
 
     xla_cache_patch.apply()
     model = spmd.shard_model(model.to(torch_xla.device()), mesh)
     for call in ("first", "second"):
         with xla_cache_patch.count_compiles() as counter:
             out = model.generate(ids.to(torch_xla.device()), return_dict_in_generate=True, **kwargs)
-        keys = tiny.cache_buffers(tiny.returned_cache(out))[0]
+        keys = compat.current().cache_buffers(compat.returned_cache(out))[0]
         print(
             f"{call} call on {devices} devices: {counter.compiles} compiles, "
             f"tokens equal CPU eager: {torch.equal(out.sequences.cpu(), reference)}, "

@@ -11,7 +11,12 @@ import torch
 import transformers
 from transformers import cache_utils
 
-from xla_cache_patch.tiny import cache_buffers as buffers  # noqa: F401 - ck.buffers in the tests
+from xla_cache_patch import compat
+
+
+def buffers(cache: Any) -> list[torch.Tensor]:
+    return compat.current().cache_buffers(cache)
+
 
 HEADS, HEAD_DIM = 2, 4
 

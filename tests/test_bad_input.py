@@ -81,11 +81,30 @@ def test_integer_states_rejected(cache):
     assert _unchanged(cache, snap)
 
 
-def test_other_float_dtype_is_cast(cache):
+def _update_outcome(c, key, value):
+    try:
+        k, _ = c.update(key, value, 0, {"cache_position": torch.tensor([3])})
+    except Exception as exc:
+        return exc
+    return k.clone()
+
+
+def test_other_float_dtype_behaves_as_stock(cache):
+    """Stock casts on some eras and raises on others (4.43-4.46, 4.56+): the patch does the same."""
     key, value = _kv(dtype=torch.bfloat16)
-    k, _ = cache.update(key, value, 0, {"cache_position": torch.tensor([3])})
-    assert k.dtype == torch.float32
-    assert torch.equal(k[:, :, 3:4], key.float())
+    mode = xla_cache_patch.status().mode
+    xla_cache_patch.unapply()
+    stock_cache = ck.make_cache("static", 1, 8)
+    ck.run(stock_cache, ck.steps(3, 0), 1, torch.float32)
+    stock = _update_outcome(stock_cache, key, value)
+    xla_cache_patch.apply(mode=mode, generate=False)
+    snap = _snapshot(cache)
+    got = _update_outcome(cache, key, value)
+    if isinstance(stock, Exception):
+        assert isinstance(got, type(stock)) and isinstance(got, xla_cache_patch.CacheDtypeError), (stock, got)
+        assert "dtype" in str(got) and _unchanged(cache, snap)
+    else:
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and torch.equal(got, stock)
 
 
 @pytest.mark.parametrize("positions", [[-1], [6, 7, 8, 9]])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from xla_cache_patch import bench, cli, doctor
+from xla_cache_patch.tools import bench, cli, doctor
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_XLA = (
@@ -72,7 +72,7 @@ def test_bad_arguments_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]
 def test_cli_import_loads_no_torch() -> None:
     """``--help`` must stay instant: the CLI module may not import torch, torch_xla or transformers."""
     code = (
-        "import sys, xla_cache_patch.cli; "
+        "import sys, xla_cache_patch.tools.cli; "
         "print([m for m in ('torch', 'torch_xla', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
@@ -343,10 +343,8 @@ def test_static_cache_constructor_follows_the_signature(
 ) -> None:
     import transformers
 
-    from xla_cache_patch import tiny
-
     monkeypatch.setattr(transformers, "StaticCache", fake)
     _CALLS.clear()
-    tiny.make_static_cache(object(), 64)
+    compat.current().make_static_cache(object(), 64)
     (call,) = _CALLS
     assert {k: call[k] for k in expected} == expected

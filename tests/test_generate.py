@@ -168,14 +168,14 @@ def _tiny_cpu_model() -> Any:
 
 
 def test_buckets() -> None:
-    from xla_cache_patch.fastgen_plan import cache_bucket, prompt_bucket
+    from xla_cache_patch.fastgen.plan import cache_bucket, prompt_bucket
 
     assert [prompt_bucket(n) for n in (1, 8, 16, 17, 100)] == [16, 16, 16, 32, 128]
     assert [cache_bucket(n) for n in (24, 144, 1024, 1025, 1600)] == [32, 256, 1024, 1536, 2048]
 
 
 def test_own_kwargs_are_validated_and_stripped() -> None:
-    from xla_cache_patch.fastgen_plan import Options, pop_own_kwargs
+    from xla_cache_patch.fastgen.plan import Options, pop_own_kwargs
 
     rest, options = pop_own_kwargs({"xla_eos_check_every": 3, "xla_replay": False, "max_new_tokens": 4})
     assert rest == {"max_new_tokens": 4} and options == Options(3, False)

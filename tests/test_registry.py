@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import wrapt
 
 import xla_cache_patch
-from xla_cache_patch import eras, registry
+from xla_cache_patch import integrations, registry
 from xla_cache_patch.errors import UnsupportedVersionError, XlaCachePatchWarning
 
 
@@ -41,13 +41,13 @@ def _attrs() -> dict[str, object]:
 def assert_not_double_wrapped() -> None:
     for name, value in _attrs().items():
         inner = getattr(value, "__wrapped__", None)
-        assert not isinstance(inner, wrapt.FunctionWrapper), f"{name} wrapped twice"
+        assert not registry.is_ours(inner), f"{name} wrapped twice"
 
 
 def test_apply_unapply_restores_identity():
     before = _attrs()
     assert xla_cache_patch.apply() is True
-    assert all(isinstance(v, wrapt.FunctionWrapper) for v in _attrs().values())
+    assert all(registry.is_ours(v) for v in _attrs().values())
     assert xla_cache_patch.unapply() is True
     assert _attrs() == before and all(_attrs()[k] is before[k] for k in before)
 
@@ -106,13 +106,13 @@ def test_patched_as_decorator_and_start_stop():
 )
 def test_import_orders_in_fresh_process(order):
     code = order + textwrap.dedent("""
-        import transformers.cache_utils as cu, inspect, wrapt
+        import transformers.cache_utils as cu, inspect
         import xla_cache_patch as x
         assert not x.is_applied()
         for name, value in vars(cu).items():
             if isinstance(value, type):
                 for attr in vars(value).values():
-                    assert not isinstance(attr, wrapt.FunctionWrapper), (name, attr)
+                    assert not x.is_ours(attr), (name, attr)
         print("clean")
     """)
     proc = subprocess.run(
@@ -146,9 +146,9 @@ def test_future_shape_refused():
         def update(self, key_states, value_states, *args, **kwargs): ...
 
     fake.StaticLayer = StaticLayer  # StaticSlidingWindowLayer gone, update renamed params: unknown shape
-    plan = registry._plan("inplace", False, module=fake, version="5.99.0")
-    assert plan.reason and "changed shape" in plan.reason and plan.resolved == []
-    plan = registry._plan("inplace", False, module=types.ModuleType("x"), version="5.99.0")
+    plan = registry.CACHE.plan(fake, "inplace")
+    assert plan.reason and "changed shape" in plan.reason and plan.entries == []
+    plan = registry.CACHE.plan(types.ModuleType("x"), "inplace")
     assert plan.reason and "no era matched" in plan.reason
 
 
@@ -163,13 +163,12 @@ def test_inherited_target_is_deleted_again():
         pass
 
     module.Child = Child
-    target = eras.Target("Child.update", "layer_static_update", module="fake_cache")
-    found = registry._resolve(module, target)
-    plan = registry._Plan("5.0", "fake", [found])
-    registry._install(plan, "inplace")
-    assert "update" in vars(Child)
-    registry._restore(list(registry._installed))
-    registry._installed.clear()
+    entry = integrations.resolve(module, "Child.update", impl=lambda mode, opts, wrapped, self, *a: "ours")
+    wrapper, holder = integrations.wrap(entry, registry.CACHE.call(entry))
+    setattr(Child, "update", wrapper)
+    holder.slot = registry._Slot("inplace")
+    assert Child().update(1, 2) == "ours"
+    registry._restore([registry._Installed(entry, wrapper, holder, placed=True)])
     assert "update" not in vars(Child) and Child.update is Base.update
 
 
@@ -202,9 +201,10 @@ def test_layered_wrapper_after_ours_keeps_working():
 
     wrapt.wrap_function_wrapper(owner, attr, tracer)
     theirs = vars(owner)[attr]
-    with pytest.warns(XlaCachePatchWarning, match="cannot unwrap cleanly"):
+    with pytest.warns(XlaCachePatchWarning, match="another wrapper was installed on top of ours"):
         xla_cache_patch.unapply()
     assert vars(owner)[attr] is theirs  # theirs still in place, ours inside is a pass-through
+    assert registry.is_ours(theirs.__wrapped__)
     setattr(owner, attr, theirs.__wrapped__.__wrapped__)  # tidy for other tests
 
 
@@ -216,7 +216,7 @@ def test_layered_wrapper_before_ours_is_restored():
     wrapt.wrap_function_wrapper(owner, attr, lambda w, i, a, k: w(*a, **k))
     theirs = vars(owner)[attr]
     assert xla_cache_patch.apply(generate=False)
-    assert vars(owner)[attr].__wrapped__ is theirs.__wrapped__ or vars(owner)[attr] is not theirs
+    assert registry.is_ours(vars(owner)[attr]) and vars(owner)[attr].__wrapped__ is theirs
     xla_cache_patch.unapply()
     assert vars(owner)[attr] is theirs
     setattr(owner, attr, original)
@@ -249,3 +249,49 @@ def test_threads_leave_consistent_state():
     assert errors == []
     xla_cache_patch.unapply()
     assert all(_attrs()[k] is before[k] for k in before)
+
+
+def test_other_wrapper_on_generate_survives_apply_unapply_cycles():
+    """apply, a tracer wraps generate, then unapply / apply / unapply: the tracer sees every call."""
+    from transformers import GenerationMixin
+
+    from xla_cache_patch.tools import tiny
+
+    model = tiny.tiny_model()
+    ids = tiny.prompt_ids()
+    original = vars(GenerationMixin)["generate"]
+    seen: list[int] = []
+
+    def tracer(wrapped, instance, args, kwargs):
+        seen.append(1)
+        return wrapped(*args, **kwargs)
+
+    def call() -> None:
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+    try:
+        assert xla_cache_patch.apply()
+        wrapt.wrap_function_wrapper(GenerationMixin, "generate", tracer)
+        call()
+        with pytest.warns(XlaCachePatchWarning):
+            xla_cache_patch.unapply()
+        call()
+        assert xla_cache_patch.apply()
+        assert xla_cache_patch.status().generate
+        ours = vars(GenerationMixin)["generate"].__wrapped__
+        assert registry.is_ours(ours) and integrations.holder_of(ours).slot is not None  # re-armed
+        call()
+        xla_cache_patch.unapply()
+        call()
+        assert len(seen) == 4
+    finally:
+        GenerationMixin.generate = original
+
+
+def test_our_wrapper_is_known_by_identity_not_attribute():
+    """A wrapt proxy forwards attribute lookups: an attribute mark would mistake it for ours."""
+    assert xla_cache_patch.apply(generate=False)
+    ours = next(wrapper for _, wrapper, _ in registry.installed())
+    theirs = wrapt.FunctionWrapper(ours, lambda w, i, a, k: w(*a, **k))
+    assert registry.is_ours(ours) and not registry.is_ours(theirs)
+    assert integrations.find_ours(theirs) is ours

@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("torch_xla")
 torch = pytest.importorskip("torch")
 
-from xla_cache_patch import kernels, spmd  # noqa: E402
+from xla_cache_patch import spmd  # noqa: E402
+from xla_cache_patch.compat import _ops as kernels  # noqa: E402
 
 
 def fake_mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> SimpleNamespace:

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from xla_cache_patch.errors import CacheOverflowError, UnsupportedVersionError, XlaCachePatchError
+from xla_cache_patch.errors import (
+    CacheDtypeError,
+    CacheOverflowError,
+    StaleCacheError,
+    UnsupportedVersionError,
+    XlaCachePatchError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from xla_cache_patch.metrics import count_compiles
-    from xla_cache_patch.registry import Status, apply, is_applied, patched, status, unapply
+    from xla_cache_patch.registry import Status, apply, is_applied, is_ours, patched, status, unapply
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "CacheDtypeError",
     "CacheOverflowError",
+    "StaleCacheError",
     "Status",
     "UnsupportedVersionError",
     "XlaCachePatchError",
@@ -25,6 +33,7 @@ __all__ = [
     "count_compiles",
     "generate",
     "is_applied",
+    "is_ours",
     "patched",
     "status",
     "unapply",
@@ -35,6 +44,7 @@ _LAZY = {
     "apply": "registry",
     "unapply": "registry",
     "is_applied": "registry",
+    "is_ours": "registry",
     "patched": "registry",
     "status": "registry",
     "Status": "registry",

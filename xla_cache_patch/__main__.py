@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from xla_cache_patch.cli import main
+from xla_cache_patch.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,9 +2,11 @@
 
 Three ways lead here: the start-up hook (a ``.pth`` file that calls :func:`startup` when
 ``XLA_CACHE_PATCH`` is set), ``import xla_cache_patch.auto``, and the pytest plugin. All of them
-only *request* the patch: a wrapt post-import hook applies it when ``transformers.cache_utils`` is
-imported, or at once if it already is. So this module never imports torch or transformers, and it
-must stay cheap to import: every interpreter started with the variable set imports it.
+only *request* the patch: one wrapt post-import hook per patched transformers module
+(``transformers.cache_utils``, ``transformers.generation.utils``) installs that module's integration
+when *that* module has finished importing, whatever order the program imports them in. So this module
+never imports torch or transformers, and it must stay cheap to import: every interpreter started with
+the variable set imports it.
 """
 
 from __future__ import annotations
@@ -23,19 +25,22 @@ from xla_cache_patch.errors import XlaCachePatchWarning
 ENV_VAR = "XLA_CACHE_PATCH"
 STRICT_ENV_VAR = "XLA_CACHE_PATCH_STRICT"
 TARGET_MODULE = "transformers.cache_utils"
+HOOKED_MODULES = (TARGET_MODULE, "transformers.generation.utils")
 
 MODES = ("inplace", "functional")
 # The .pth line repeats OFF_VALUES so that it can decide without importing this package.
-OFF_VALUES = frozenset({"", "0", "false", "off"})
-ON_VALUES = frozenset({"1", "true", "on"})
+OFF_VALUES = frozenset({"", "0", "false", "off", "no"})
+ON_VALUES = frozenset({"1", "true", "on", "yes"})
 
-_MODE_HELP = "1, true, on or inplace (in-place patch), functional, or 0, false, off or empty (no patch)"
-_FLAG_HELP = "1, true or on (strict), or 0, false, off or empty (not strict)"
+_MODE_HELP = (
+    "1, true, on, yes or inplace (in-place patch), functional, or 0, false, off, no or empty (no patch)"
+)
+_FLAG_HELP = "1, true, on or yes, or 0, false, off, no or empty"
 
 
 @dataclass(frozen=True)
 class Request:
-    """A standing request to patch: kept until ``transformers.cache_utils`` is imported."""
+    """A standing request to patch: each hooked module's integration is installed when it is imported."""
 
     mode: str
     strict: bool
@@ -44,8 +49,12 @@ class Request:
 
 _lock = threading.Lock()
 _request: Request | None = None
-_hook_pending = False  # a wrapt hook is registered and has not fired yet
-_fired_with: tuple[str, bool] | None = None  # (mode, strict) the hook last applied
+_hooked: set[str] = set()  # modules with a wrapt hook registered (wrapt has no unregister)
+
+
+def flag_on(value: str | None) -> bool:
+    """An on/off environment value read leniently: only the ON values count as on."""
+    return (value or "").strip().lower() in ON_VALUES
 
 
 def parse_mode(value: str | None) -> str | None:
@@ -107,32 +116,27 @@ def current_request() -> Request | None:
 
 
 def activate(mode: str = "inplace", *, strict: bool = False, source: str = "activate()") -> Request | None:
-    """Apply the patch once ``transformers.cache_utils`` is imported (now, if it already is).
+    """Install the patch on each hooked module when it has been imported (now, for those already imported).
 
     Returns the request this one replaces, so that a temporary activation (a pytest session) can
     hand it back to :func:`restore`. With ``strict`` the hook lets UnsupportedVersionError escape,
     which makes the program's own import of transformers fail loudly.
     """
-    global _request, _hook_pending
+    global _request
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     new = Request(mode=mode, strict=strict, source=source)
     with _lock:
         previous, _request = _request, new
-        if _hook_pending:  # the pending hook will read the new request when it fires
-            return previous
-        if _fired_with == (mode, strict) and TARGET_MODULE in sys.modules:
-            return previous  # already applied this way: a second way in must not apply twice
-        _hook_pending = True
-    try:
-        from wrapt import register_post_import_hook
+        fresh = [name for name in HOOKED_MODULES if name not in _hooked]
+        _hooked.update(fresh)
+    from wrapt import register_post_import_hook
 
-        # Fires at once (and registers nothing) if the module is already imported.
-        register_post_import_hook(_on_target_imported, TARGET_MODULE)
-    except BaseException:
-        with _lock:
-            _hook_pending = False
-        raise
+    for name in HOOKED_MODULES:
+        if name in fresh:  # fires at once (and registers nothing) if the module is already imported
+            register_post_import_hook(_on_imported, name)
+        elif (module := sys.modules.get(name)) is not None:
+            _on_imported(module)  # hooked earlier and already fired: act on the new request now
     return previous
 
 
@@ -156,26 +160,19 @@ def startup(environ: Mapping[str, str] | None = None) -> None:
         _warn_startup_failure(exc)
 
 
-def _on_target_imported(module: ModuleType) -> None:
-    global _hook_pending, _fired_with
-    with _lock:
-        _hook_pending = False
-        request = _request
-        _fired_with = None if request is None else (request.mode, request.strict)
-    if request is not None:
-        _apply(request)
-
-
-def _apply(request: Request) -> None:
+def _on_imported(module: ModuleType) -> None:
+    request = _request
+    if request is None:
+        return
     try:
         registry = importlib.import_module("xla_cache_patch.registry")
-        registry.apply(mode=request.mode, strict=request.strict)
+        registry.on_imported(module, request.mode, request.strict)
     except Exception as exc:
         if request.strict:
             raise
         warnings.warn(
-            f"xla_cache_patch: the patch requested by {request.source} was not applied "
-            f"({type(exc).__name__}: {exc}); the program continues with the stock StaticCache",
+            f"xla_cache_patch: the patch requested by {request.source} was not installed on "
+            f"{module.__name__} ({type(exc).__name__}: {exc}); the program continues without it",
             XlaCachePatchWarning,
             stacklevel=2,
         )

@@ -26,5 +26,20 @@ class CacheOverflowError(XlaCachePatchError, IndexError):
         super().__init__(f"{where}: {problem} (valid positions are 0..{capacity - 1}); {fix}")
 
 
+class CacheDtypeError(XlaCachePatchError, RuntimeError):
+    """Key/value states of another dtype than the cache, where the era's own code does not cast them
+    either (it raises a RuntimeError from ``index_copy_``): the same error type, a clearer message."""
+
+    def __init__(self, what: str, got: object, cache: object) -> None:
+        super().__init__(
+            f"{what} has dtype {got} but the cache holds {cache}; this transformers release does not cast "
+            f"them (it raises here too): cast the states, or build the cache with dtype={cache!s}"
+        )
+
+
+class StaleCacheError(XlaCachePatchError, RuntimeError):
+    """A cache the XLA fast path filled in a layout transformers cannot continue from."""
+
+
 class XlaCachePatchWarning(UserWarning):
     """Something was not patched, or could not be unpatched cleanly; the program runs on."""

@@ -2,7 +2,8 @@
 
 - fixture ``xla_cache_patch``: the patch for one test; yields ``status()``, then restores;
 - marker ``@pytest.mark.xla_cache_patch(mode=...)``: the same fixture for a marked test;
-- option ``--xla-cache-patch[=MODE]`` / ini key ``xla_cache_patch``: the patch for the session;
+- flag ``--xla-cache-patch`` (mode from ``--xla-cache-patch-mode=MODE``) / ini key ``xla_cache_patch``:
+  the patch for the session;
 - marker ``@pytest.mark.xla_max_compiles(n)``: fail a test whose body compiles more than n graphs;
 - one report-header line: transformers version, era, patch state.
 
@@ -39,13 +40,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--xla-cache-patch",
         dest="xla_cache_patch",
-        nargs="?",
-        const="inplace",
+        action="store_true",
+        default=False,
+        help="patch transformers for the whole session (a plain flag: it never takes the next argument)",
+    )
+    group.addoption(
+        "--xla-cache-patch-mode",
+        dest="xla_cache_patch_mode",
         default=None,
         choices=_OPTION_CHOICES,
         metavar="MODE",
-        help="patch transformers' StaticCache for the whole session; MODE is inplace (default), "
-        "functional, or off to override the ini key. Write --xla-cache-patch=MODE.",
+        help="inplace (default), functional, or off (overrides the ini key); implies --xla-cache-patch "
+        "unless off",
     )
     parser.addini(
         INI_KEY,
@@ -133,7 +139,7 @@ def header_line() -> str:
     """One line for the report header, from package metadata only (no torch, no transformers)."""
     from importlib import metadata
 
-    from xla_cache_patch import __version__, eras
+    from xla_cache_patch import __version__, compat
 
     try:
         version: str | None = metadata.version("transformers")
@@ -141,9 +147,10 @@ def header_line() -> str:
         version = None
     if version is None:
         found = "transformers not installed"
-    else:
-        era = eras.nominal_era(version)
-        found = f"transformers {version}, era {era}" if era else f"transformers {version}, unsupported"
+    else:  # the era needs the adapters, which import torch: named only once transformers is loaded
+        era = compat.nominal_era(version) if "transformers" in sys.modules else None
+        supported = "supported" if compat.is_supported(version) else "unsupported"
+        found = f"transformers {version}, " + (f"era {era}" if era else supported)
     return f"xla-cache-patch {__version__}: {found}; patch {_state()}"
 
 
@@ -161,9 +168,11 @@ def _state() -> str:
 
 
 def _session_mode(config: pytest.Config) -> tuple[str | None, str]:
-    option = config.getoption("xla_cache_patch")
-    if option is not None:
-        return (None if option == "off" else option), f"--xla-cache-patch={option}"
+    mode = config.getoption("xla_cache_patch_mode")
+    if mode is not None:
+        return (None if mode == "off" else mode), f"--xla-cache-patch-mode={mode}"
+    if config.getoption("xla_cache_patch"):
+        return "inplace", "--xla-cache-patch"
     raw = str(config.getini(INI_KEY) or "")
     try:
         mode = activation.parse_mode(raw)

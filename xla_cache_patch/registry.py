@@ -1,9 +1,10 @@
-"""The patch registry: find the era's targets, wrap all of them or none, restore them exactly.
+"""The patch registry: install each integration when its module is imported, restore it exactly.
 
-Modelled on OpenTelemetry's ``BaseInstrumentor`` (idempotent, supported range checked before
-anything is touched) and wrapt's ``wrap_function_wrapper`` (the raw attribute is saved from the
-class ``__dict__`` and put back as the same object). torch is imported only when a patch is
-planned, never at import of this module.
+Modelled on OpenTelemetry's ``BaseInstrumentor`` (idempotent, supported range checked before anything is
+touched, each integration declares what it needs) and wrapt's post-import hooks (one per transformers
+module, so no hook reaches into a module that may still be half-imported). The raw attribute is saved
+from the owner's ``__dict__`` and put back as the same object; a wrapper someone else put on top of ours
+is never removed: ours inside it is disarmed, and re-armed by the next ``apply``.
 """
 
 from __future__ import annotations
@@ -17,83 +18,84 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-import wrapt
-
-from xla_cache_patch import eras
+from xla_cache_patch import compat
 from xla_cache_patch.errors import UnsupportedVersionError, XlaCachePatchWarning
+from xla_cache_patch.integrations import (
+    MISSING,
+    Entry,
+    Holder,
+    Integration,
+    Plan,
+    holder_of,
+    initializing,
+    wrap,
+)
+from xla_cache_patch.integrations import is_ours as is_ours
+from xla_cache_patch.integrations.cache import CacheIntegration
+from xla_cache_patch.integrations.generate import GenerateIntegration
 
 log = logging.getLogger("xla_cache_patch")
 
 MODES = ("inplace", "functional")
-_MISSING: Any = object()
-_MARK = "_self_xla_cache_patch"
+GENERATE_POLICIES = (True, False, "explicit")
+CACHE = CacheIntegration()
+GENERATE = GenerateIntegration()
+INTEGRATIONS: tuple[Integration, ...] = (CACHE, GENERATE)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
 class Status:
-    """What the patch does, or would do, on the installed transformers."""
+    """What is installed now (or, when nothing is, what ``apply`` would do)."""
 
     transformers_version: str | None
     era: str | None
     targets: tuple[str, ...]
-    applied: bool
+    applied: bool  # the cache integration is installed now
     mode: str | None
-    reason: str | None
+    reason: str | None  # why the cache integration is not installed
     left_alone: tuple[str, ...] = ()
-    generate: bool = False
+    generate: bool = False  # the generate fast path is installed now
+    generate_reason: str | None = None  # why it is not
 
 
 @dataclass
 class _Slot:
-    """Shared by the wrappers of one installation: switching mode or deactivating is one write."""
+    """Read by every armed wrapper: switching mode is one write."""
 
     mode: str
-    active: bool = True
-
-
-@dataclass
-class _Resolved:
-    name: str
-    owner: Any  # class or module holding the attribute
-    attr: str
-    saved: Any  # the raw attribute from owner.__dict__, or _MISSING when inherited
-    func: Any  # what we wrap
-    kind: str
-    options: dict[str, Any]
-    is_method: bool
-
-
-@dataclass
-class _Plan:
-    version: str | None
-    era: str | None = None
-    resolved: list[_Resolved] = field(default_factory=list)
-    left_alone: tuple[str, ...] = ()
-    reason: str | None = None
+    generate: bool | str = True  # True: fast path by default on XLA; "explicit": only for a static cache
 
 
 @dataclass
 class _Installed:
-    entry: _Resolved
-    wrapper: Any
+    entry: Entry
+    wrapper: Callable[..., Any]
+    holder: Holder
+    placed: bool  # we set the attribute (False: re-armed a wrapper of ours under someone else's)
+
+
+@dataclass(frozen=True)
+class _Request:
+    mode: str
+    strict: bool
+    generate: bool | str
 
 
 _lock = threading.RLock()
-_installed: list[_Installed] = []
+_installed: dict[str, list[_Installed]] = {}
+_reasons: dict[str, str] = {}
+_eras: dict[str, str | None] = {}
 _slot: _Slot | None = None
-_generate = False
-
-
-# --- planning -----------------------------------------------------------------------------------
+_request: _Request | None = None
 
 
 def transformers_version() -> str | None:
-    """The version of the transformers that ``import transformers`` gives, without importing it."""
+    """The version ``import transformers`` gives, without importing it."""
     module = sys.modules.get("transformers")
     if module is not None and getattr(module, "__version__", None):
         return str(module.__version__)
@@ -103,291 +105,281 @@ def transformers_version() -> str | None:
         return None
 
 
-def _resolve(module: ModuleType, target: eras.Target) -> _Resolved | str | None:
-    """The attribute to wrap, None when an optional class is absent, or why the shape is wrong."""
-    parts = target.path.split(".")
-    owner: Any = module
-    if len(parts) == 2:
-        owner = getattr(module, parts[0], None)
-        if not isinstance(owner, type):
-            return None if target.optional else f"{target.name}: class {parts[0]} not found"
-    attr = parts[-1]
-    saved = vars(owner).get(attr, _MISSING)
-    if saved is _MISSING and target.optional:
-        return None  # an optional target counts only where the class defines the method itself
-    func = saved if saved is not _MISSING else inspect.getattr_static(owner, attr, _MISSING)
-    if getattr(func, _MARK, False):
-        func = func.__wrapped__  # a wrapper of ours left behind by an unclean unapply
-    if not inspect.isfunction(func):
-        return f"{target.name}: expected a function, found {type(func).__name__}"
-    params = inspect.signature(func).parameters
-    missing = [p for p in target.params if p not in params]
-    if missing:
-        return f"{target.name}: parameters {missing} not found in {tuple(params)}"
-    return _Resolved(
-        target.name, owner, attr, saved, func, target.kind, dict(target.options), owner is not module
-    )
-
-
-def _left_alone(module: ModuleType, era: eras.Era) -> tuple[str, ...]:
-    found = [
-        f"{module.__name__}:{what} ({why})"
-        for what, why in era.left_alone
-        if isinstance(getattr(module, what.split(".")[0], None), type)
-    ]
-    layer = getattr(module, "StaticLayer", None)
-    if isinstance(layer, type):  # model-specific layers that override update (5.20+)
-        seen, todo = set(), list(layer.__subclasses__())
-        while todo:
-            cls = todo.pop()
-            if cls in seen:
-                continue
-            seen.add(cls)
-            todo.extend(cls.__subclasses__())
-            if cls.__module__ != module.__name__ and "update" in vars(cls):
-                found.append(f"{cls.__module__}:{cls.__qualname__} (overrides update; its own code runs)")
-    return tuple(found)
-
-
-def _plan(mode: str, generate: bool, module: ModuleType | None = None, version: str | None = None) -> _Plan:
-    version = version or transformers_version()
-    plan = _Plan(version)
+def _version_problem() -> str | None:
+    version = transformers_version()
     if version is None:
-        plan.reason = "transformers is not installed"
-        return plan
-    if not eras.is_supported(version):
-        plan.reason = f"transformers {version} is outside the supported range {eras.SUPPORTED}"
-        return plan
-    if module is None:
-        try:
-            module = importlib.import_module(eras.CACHE_MODULE)
-        except Exception as exc:  # a broken install must not take the program down
-            plan.reason = f"importing {eras.CACHE_MODULE} failed: {exc!r}"
-            return plan
-    era = eras.detect(module)
-    if era is None:
-        plan.reason = (
-            f"transformers {version}: its cache code does not have a shape this version of "
-            "xla-cache-patch knows (no era matched)"
-        )
-        return plan
-    plan.era = era.name
-    for target in era.targets_for(mode):
-        found = _resolve(module, target)
-        if isinstance(found, str):
-            plan.reason = f"transformers {version} ({era.name}): the cache code changed shape: {found}"
-            plan.resolved = []
-            return plan
-        if found is not None:
-            plan.resolved.append(found)
-    plan.left_alone = _left_alone(module, era)
-    if generate:
-        _plan_generate(plan)
+        return "transformers is not installed"
+    if not compat.is_supported(version):
+        return f"transformers {version} is outside the supported range {compat.SUPPORTED}"
+    return None
+
+
+def _wanted(generate: bool | str) -> tuple[Integration, ...]:
+    return INTEGRATIONS if generate else (CACHE,)
+
+
+# --- installing one integration -----------------------------------------------------------------
+
+
+def _plan(integration: Integration, module: ModuleType, mode: str) -> Plan:
+    problem = _version_problem() or integration.missing()
+    if problem is not None:
+        return Plan(reason=problem)
+    plan = integration.plan(module, mode)
+    if plan.reason is not None:
+        plan.reason = f"transformers {transformers_version()}: {plan.reason}"
     return plan
 
 
-def _plan_generate(plan: _Plan) -> None:
-    target = eras.Target(eras.GENERATE_PATH, "generate", module=eras.GENERATE_MODULE)
-    try:
-        found = _resolve(importlib.import_module(eras.GENERATE_MODULE), target)
-    except Exception as exc:
-        found = repr(exc)
-    if isinstance(found, _Resolved):
-        plan.resolved.append(found)
-    else:
-        plan.left_alone += (f"{target.name} (fast path not installed: {found})",)
-
-
-# --- wrapping -----------------------------------------------------------------------------------
-
-
-def _make_wrapper(entry: _Resolved, slot: _Slot) -> Any:
-    if entry.kind == "generate":
-
-        def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not slot.active:
-                return wrapped(*args, **kwargs)
-            from xla_cache_patch import fastgen
-
-            return fastgen.generate_wrapper(wrapped, instance, args, kwargs)
-
-    else:
-        from xla_cache_patch.kernels import IMPLS
-
-        impl, opts, is_method = IMPLS[entry.kind], entry.options, entry.is_method
-
-        def wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not slot.active:
-                return wrapped(*args, **kwargs)
-            if is_method:
-                return impl(slot.mode, opts, wrapped, instance, *args, **kwargs)
-            return impl(slot.mode, opts, wrapped, *args, **kwargs)
-
-    proxy = wrapt.FunctionWrapper(entry.func, wrapper)
-    setattr(proxy, _MARK, True)
-    return proxy
-
-
-def _install(plan: _Plan, mode: str) -> None:
-    global _slot
-    slot = _Slot(mode)
+def _install(integration: Integration, module: ModuleType, request: _Request) -> str | None:
+    """Install ``integration`` on the imported ``module``; returns why not, or None. Caller holds the lock."""
+    if integration.name in _installed:
+        return None
+    plan = _plan(integration, module, request.mode)
+    _eras[integration.name] = plan.era
+    if plan.reason is not None:
+        _reasons[integration.name] = plan.reason
+        return plan.reason
     done: list[_Installed] = []
     try:
-        for entry in plan.resolved:
-            wrapper = _make_wrapper(entry, slot)
+        for entry in plan.entries:
+            if entry.dormant is not None:  # ours, left under another library's wrapper: re-arm it
+                done.append(_Installed(entry, entry.dormant, holder_of(entry.dormant), placed=False))
+                continue
+            wrapper, holder = wrap(entry, integration.call(entry))
             setattr(entry.owner, entry.attr, wrapper)
-            done.append(_Installed(entry, wrapper))
+            done.append(_Installed(entry, wrapper, holder, placed=True))
     except BaseException:
         _restore(done)  # all or none
         raise
-    _installed[:] = done
-    _slot = slot
+    for item in done:
+        item.holder.slot = _slot
+    _installed[integration.name] = done
+    _reasons.pop(integration.name, None)
+    log.debug("installed %s (%s): %s", integration.name, plan.era, [e.name for e in plan.entries])
+    return None
 
 
 def _restore(done: list[_Installed]) -> list[str]:
-    """Put every saved attribute back; return the names someone else wrapped on top of ours."""
+    """Disarm and put back every saved attribute; return the names someone else wrapped on top of ours."""
     layered = []
     for item in reversed(done):
+        item.holder.slot = None
         entry = item.entry
-        if vars(entry.owner).get(entry.attr, _MISSING) is not item.wrapper:
+        if not item.placed:
+            continue
+        if vars(entry.owner).get(entry.attr, MISSING) is not item.wrapper:
             layered.append(entry.name)
-        elif entry.saved is _MISSING:
+        elif entry.saved is MISSING:
             delattr(entry.owner, entry.attr)
         else:
             setattr(entry.owner, entry.attr, entry.saved)
     return layered
 
 
+def _ready_module(integration: Integration) -> ModuleType | None:
+    module = sys.modules.get(integration.module)
+    return None if module is None or initializing(module) else module
+
+
+def on_imported(module: ModuleType, mode: str, strict: bool = False, generate: bool | str = True) -> None:
+    """Post-import hook body (``activation``): install the integration of ``module``, which has just
+    finished importing, as the standing request asks."""
+    global _request, _slot
+    integration = next((i for i in INTEGRATIONS if i.module == module.__name__), None)
+    request = _Request(mode, strict, generate)
+    if integration is None or integration not in _wanted(generate):
+        return
+    with _lock:
+        if _installed and _request is not None and _request.mode != mode and not _same_targets(mode):
+            return  # apply() chose another mode with other targets since: it stays
+        _request = request
+        if _slot is None:
+            _slot = _Slot(mode, generate)
+        _slot.mode, _slot.generate = mode, generate
+        reason = _install(integration, module, request)
+    if reason is not None:
+        _report(integration, reason, request.strict)
+
+
+def _report(integration: Integration, reason: str, strict: bool) -> None:
+    if integration is CACHE and strict:
+        raise UnsupportedVersionError(reason)
+    if integration is GENERATE and reason.startswith("torch_xla is not installed"):
+        log.debug("generate fast path not installed: %s", reason)  # nothing to speed up without XLA
+        return
+    what = "xla_cache_patch not applied" if integration is CACHE else "xla_cache_patch: generate not wrapped"
+    warnings.warn(f"{what}: {reason}", XlaCachePatchWarning, stacklevel=3)
+
+
 # --- public API ---------------------------------------------------------------------------------
 
 
-def apply(*, mode: str = "inplace", strict: bool = False, generate: bool = True) -> bool:
-    """Patch the installed transformers' static cache; True when patched.
+def apply(*, mode: str = "inplace", strict: bool = False, generate: bool | str = True) -> bool:
+    """Patch the installed transformers; True when the cache patch is in place.
 
-    Idempotent. A call while applied with another mode switches the mode. When the version is
-    unsupported or the code has an unknown shape nothing is touched: a warning and False, or
-    ``UnsupportedVersionError`` with ``strict=True``.
+    Idempotent: a call while applied with another mode switches the mode. ``generate=True`` wraps
+    ``generate`` with the XLA fast path (a call on an XLA model that asks for no cache implementation
+    uses a static cache); ``"explicit"`` takes the fast path only when a static cache is asked for;
+    ``False`` leaves ``generate`` alone. When the version is unsupported or the code has an unknown shape
+    nothing is touched: a warning and False, or ``UnsupportedVersionError`` with ``strict=True``.
     """
+    global _request, _slot
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    global _generate
-    _import_first()
+    if generate not in GENERATE_POLICIES:
+        raise ValueError(f"generate must be True, False or 'explicit', got {generate!r}")
+    _import_modules(generate)
+    reports: list[tuple[Integration, str]] = []
     with _lock:
-        if _installed and _slot is not None:
-            if generate == _generate and _same_targets(mode):
-                _slot.mode = mode
-                return True
+        request = _Request(mode, strict, generate)
+        if _installed and not _same_targets(mode):
             unapply()
-        plan = _plan(mode, generate)
-        if plan.reason is not None:
-            if strict:
-                raise UnsupportedVersionError(plan.reason)
-            warnings.warn(f"xla_cache_patch not applied: {plan.reason}", XlaCachePatchWarning, stacklevel=2)
-            return False
-        _install(plan, mode)
-        _generate = generate
-        log.debug("applied (%s, %s): %s", plan.era, mode, [e.name for e in plan.resolved])
-        return True
+        if not generate and GENERATE.name in _installed:
+            _uninstall(GENERATE)
+        _request = request
+        if _slot is None:
+            _slot = _Slot(mode, generate)
+        _slot.mode, _slot.generate = mode, generate
+        for integration in _wanted(generate):
+            module = _ready_module(integration)
+            if module is None:
+                reason = f"{integration.module} is not imported yet, or still being imported"
+                if integration.name not in _installed:
+                    _reasons[integration.name] = reason
+                continue
+            reason = _install(integration, module, request)
+            if reason is not None:
+                reports.append((integration, reason))
+        applied = CACHE.name in _installed
+    for integration, reason in reports:
+        _report(integration, reason, strict)
+    return applied
 
 
-def _import_first() -> None:
-    """Import the cache module before taking the lock and reading state: the start-up hook
-    (``XLA_CACHE_PATCH``) fires inside that import and applies first, so this call only sees it."""
-    version = transformers_version()
-    if version is None or not eras.is_supported(version) or eras.CACHE_MODULE in sys.modules:
+def _import_modules(generate: bool | str) -> None:
+    """Import what ``apply`` patches before taking the lock: a start-up hook (``XLA_CACHE_PATCH``) fires
+    inside these imports and installs first, so this call only sees it. Never from inside a hook."""
+    if _version_problem() is not None:
         return
-    try:
-        importlib.import_module(eras.CACHE_MODULE)
-    except Exception:  # reported by _plan with the reason
-        return
+    for integration in _wanted(generate):
+        if integration.name in _installed or integration.module in sys.modules or integration.missing():
+            continue
+        try:
+            importlib.import_module(integration.module)
+        except Exception:  # reported by the plan with its reason
+            return
 
 
 def _same_targets(mode: str) -> bool:
-    era = eras.BY_NAME.get(_current_era() or "")
-    if era is None:
-        return False
-    return era.targets_for(mode) == era.targets_for(_slot.mode if _slot else mode)
+    if _slot is None or _slot.mode == mode:
+        return True
+    adapter = compat.by_name(_eras.get(CACHE.name) or "")
+    return adapter is not None and adapter.targets_for(mode) == adapter.targets_for(_slot.mode)
 
 
-def _current_era() -> str | None:
-    module = sys.modules.get(eras.CACHE_MODULE)
-    era = eras.detect(module) if module is not None else None
-    return era.name if era else None
+def _uninstall(integration: Integration) -> list[str]:
+    return _restore(_installed.pop(integration.name, []))
 
 
 def unapply() -> bool:
     """Undo ``apply``; True when something was undone. Idempotent.
 
-    When another library wrapped a patched method after us, its wrapper stays in place (removing
-    it would break that library); ours inside it becomes a pass-through, and a warning says so.
+    When another library wrapped a patched attribute after us, its wrapper stays in place (removing it
+    would break that library); ours inside it passes every call through until the next ``apply``.
     """
-    global _slot, _generate
+    global _slot, _request
     with _lock:
+        _request = None
         if not _installed:
+            _slot = None
             return False
-        layered = _restore(_installed)
-        if _slot is not None:
-            _slot.active = False
-        _installed.clear()
-        _slot, _generate = None, False
-        if layered:
-            warnings.warn(
-                "xla_cache_patch: cannot unwrap cleanly, another wrapper was installed on top of ours for "
-                f"{layered}; ours now passes every call through to the original",
-                XlaCachePatchWarning,
-                stacklevel=2,
-            )
-        return True
+        layered = [name for integration in INTEGRATIONS for name in _uninstall(integration)]
+        _slot = None
+        _reasons.clear()
+    if layered:
+        warnings.warn(
+            "xla_cache_patch: another wrapper was installed on top of ours for "
+            f"{layered}; it stays, and ours inside it now passes every call through",
+            XlaCachePatchWarning,
+            stacklevel=2,
+        )
+    return True
 
 
 def is_applied() -> bool:
-    return bool(_installed)
+    return CACHE.name in _installed
+
+
+def _targets(name: str) -> tuple[str, ...]:
+    return tuple(item.entry.name for item in _installed.get(name, ()))
 
 
 def status(mode: str | None = None) -> Status:
-    """The state of the patch; when not applied, what ``apply(mode=...)`` would do."""
+    """What is installed now; when the cache patch is not, what ``apply(mode=...)`` would do."""
     with _lock:
-        if _installed and _slot is not None and mode in (None, _slot.mode):
-            entries = [item.entry for item in _installed]
-            module = sys.modules.get(eras.CACHE_MODULE)
-            era = eras.detect(module) if module is not None else None
+        generate = GENERATE.name in _installed
+        generate_reason = None if generate else _generate_reason()
+        if CACHE.name in _installed and _slot is not None and mode in (None, _slot.mode):
+            module = sys.modules[CACHE.module]
+            adapter = compat.detect(module)
+            plan = CACHE.plan(module, _slot.mode)
             return Status(
                 transformers_version=transformers_version(),
-                era=era.name if era else None,
-                targets=tuple(e.name for e in entries),
+                era=adapter.name if adapter else None,
+                targets=_targets(CACHE.name),
                 applied=True,
                 mode=_slot.mode,
                 reason=None,
-                left_alone=_left_alone(module, era) if module is not None and era else (),
-                generate=_generate,
+                left_alone=plan.left_alone,
+                generate=generate,
+                generate_reason=generate_reason,
             )
-        plan = _plan(mode or "inplace", True)
+    try:
+        module = importlib.import_module(CACHE.module) if _version_problem() is None else None
+    except Exception as exc:  # a broken install must not take status() down
         return Status(
-            transformers_version=plan.version,
-            era=plan.era,
-            targets=tuple(e.name for e in plan.resolved),
-            applied=False,
-            mode=None,
-            reason=plan.reason,
-            left_alone=plan.left_alone,
+            transformers_version(), None, (), False, None, f"importing {CACHE.module} failed: {exc!r}"
         )
+    plan = Plan(reason=_version_problem()) if module is None else _plan(CACHE, module, mode or "inplace")
+    return Status(
+        transformers_version=transformers_version(),
+        era=plan.era,
+        targets=tuple(e.name for e in plan.entries),
+        applied=False,
+        mode=None,
+        reason=plan.reason,
+        left_alone=plan.left_alone,
+        generate=generate,
+        generate_reason=generate_reason,
+    )
+
+
+def _generate_reason() -> str:
+    if GENERATE.name in _reasons:
+        return _reasons[GENERATE.name]
+    if _request is None:
+        return "not applied"
+    if not _request.generate:
+        return "apply(generate=False)"
+    return GENERATE.missing() or f"{GENERATE.module} is not imported yet"
 
 
 class patched:
     """Apply for a block, a function or between ``start()`` and ``stop()``; nesting-safe.
 
-    Each exit puts back the state found at its entry: the outermost one unpatches, an inner one
-    with another mode switches the mode back.
+    Each exit puts back the state found at its entry: the outermost one unpatches, an inner one with
+    another mode switches the mode back.
     """
 
     def __init__(self, **apply_kwargs: Any) -> None:
         self.apply_kwargs = apply_kwargs
-        self._prior: list[tuple[bool, str | None, bool]] = []
+        self._prior: list[_Request | None] = []
 
     def start(self) -> bool:
-        _import_first()
+        _import_modules(self.apply_kwargs.get("generate", True))
         with _lock:
-            self._prior.append((is_applied(), _slot.mode if _slot else None, _generate))
+            self._prior.append(_request if is_applied() else None)
             try:
                 return apply(**self.apply_kwargs)
             except BaseException:
@@ -398,11 +390,11 @@ class patched:
         with _lock:
             if not self._prior:
                 return
-            was_applied, mode, generate = self._prior.pop()
-            if not was_applied:
+            prior = self._prior.pop()
+            if prior is None:
                 unapply()
-            elif mode is not None and (mode, generate) != (_slot.mode if _slot else None, _generate):
-                apply(mode=mode, generate=generate)
+            elif prior != _request:
+                apply(mode=prior.mode, strict=prior.strict, generate=prior.generate)
 
     def __enter__(self) -> Status:
         self.start()
@@ -432,6 +424,6 @@ class patched:
 def installed() -> Iterator[tuple[str, Any, Any]]:
     """(name, our wrapper, the original) for each wrapped target: for tests and ``doctor``."""
     with _lock:
-        items = list(_installed)
+        items = [item for integration in INTEGRATIONS for item in _installed.get(integration.name, ())]
     for item in items:
         yield item.entry.name, item.wrapper, item.entry.func

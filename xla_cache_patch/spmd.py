@@ -78,7 +78,7 @@ def configure(mesh: Mesh, kv_partition: tuple[Any, ...] | None = None) -> Layout
     matches ``shard_model``; pass e.g. ``("data", None, None, None)`` for batch-sharded caches.
     """
     global _layout
-    from xla_cache_patch import kernels
+    from xla_cache_patch.compat import _ops as kernels
 
     if kv_partition is None:
         names = tuple(mesh.axis_names or ())
@@ -97,7 +97,7 @@ def configure(mesh: Mesh, kv_partition: tuple[Any, ...] | None = None) -> Layout
 def reset() -> None:
     """Stop annotating cache buffers (already sharded ones stay as they are)."""
     global _layout
-    from xla_cache_patch import kernels
+    from xla_cache_patch.compat import _ops as kernels
 
     with _lock:
         _layout = None
@@ -148,11 +148,11 @@ def annotate(buf: torch.Tensor) -> None:
 
 def shard_cache(cache: Any) -> Any:
     """Annotate every allocated buffer of ``cache`` now (lazily allocated ones follow on first write)."""
-    from xla_cache_patch import tiny
+    from xla_cache_patch import compat
 
     if _layout is None:
         raise RuntimeError("xla_cache_patch.spmd.shard_cache: call configure(mesh) or shard_model() first")
-    for buf in tiny.cache_buffers(cache):
+    for buf in compat.current().cache_buffers(cache):
         annotate(buf)
     return cache
 

@@ -17,7 +17,7 @@ import torch_xla.debug.metrics as met
 import transformers
 
 import xla_cache_patch
-from xla_cache_patch import tiny
+from xla_cache_patch.tools import tiny
 
 
 def metric(name: str, index: int) -> float:

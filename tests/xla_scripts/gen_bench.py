@@ -35,7 +35,7 @@ def _child(part: str, new_tokens: int, steady_tokens: int) -> dict[str, Any]:
         data = met.metric_data("CompileTime")
         return int(data[0]) if data else 0
 
-    from xla_cache_patch import tiny
+    from xla_cache_patch.tools import tiny
 
     model = tiny.tiny_model(seed=0)  # then the prompt from the global generator, as before
     ids = torch.randint(3, 256, (1, 8))

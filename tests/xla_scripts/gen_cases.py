@@ -26,7 +26,7 @@ import transformers
 
 import xla_cache_patch
 import xla_cache_patch.fastgen
-from xla_cache_patch import tiny
+from xla_cache_patch.tools import tiny
 
 VOCAB = 256
 PAD = VOCAB - 1

@@ -19,7 +19,8 @@ import torch_xla.debug.metrics as met
 import transformers
 
 import xla_cache_patch
-from xla_cache_patch import spmd, tiny
+from xla_cache_patch import compat, spmd
+from xla_cache_patch.tools import tiny
 
 DEVICES = 4
 CACHE_LEN = 32
@@ -36,7 +37,7 @@ def aliased() -> int:
 
 
 def buffer_specs(cache: Any) -> list[str]:
-    return [torch_xla._XLAC._get_xla_sharding_spec(b) for b in tiny.cache_buffers(cache)]
+    return [torch_xla._XLAC._get_xla_sharding_spec(b) for b in compat.current().cache_buffers(cache)]
 
 
 def weight_specs(model: torch.nn.Module) -> dict[str, str]:
@@ -56,7 +57,9 @@ def case_decode(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, A
     ref = tiny.decode_loop(model, ids, args.steps, max_cache_len=CACHE_LEN).tokens
     apply(args.mode)
     model = spmd.shard_model(model.to(torch_xla.device()), DEVICES)
-    cache = tiny.make_static_cache(model.config, CACHE_LEN, device=torch_xla.device(), dtype=torch.float32)
+    cache = compat.current().make_static_cache(
+        model.config, CACHE_LEN, device=torch_xla.device(), dtype=torch.float32
+    )
     torch_xla.sync()
     met.clear_all()
     specs_per_step: list[list[str]] = []
@@ -99,7 +102,7 @@ def case_generate(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
         pad_token_id=0,
     )
     ref = model.generate(ids, **kwargs)
-    tiny.drop_model_cache(model)
+    compat.drop_model_cache(model)
     apply(args.mode, generate=True)
     model = spmd.shard_model(model.to(torch_xla.device()), DEVICES)
     x = ids.to(torch_xla.device())
@@ -108,7 +111,7 @@ def case_generate(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
         before = compiles()
         out = model.generate(x, return_dict_in_generate=True, **kwargs)
         torch_xla.sync()
-        cache = tiny.returned_cache(out)
+        cache = compat.returned_cache(out)
         calls.append(
             {
                 "compiles": compiles() - before,

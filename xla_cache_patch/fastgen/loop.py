@@ -11,7 +11,6 @@ the slot, the finished rows and the sampling parameters are device tensors. The 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,8 +18,9 @@ from typing import Any
 import torch
 import torch_xla
 
-from xla_cache_patch.fastgen_plan import Plan, Sampling
-from xla_cache_patch.fastgen_replay import StepReplay, cache_numbers, cache_tensors
+from xla_cache_patch import compat
+from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan, Sampling
+from xla_cache_patch.fastgen.replay import StepReplay, cache_numbers, cache_tensors
 
 log = logging.getLogger("xla_cache_patch.fastgen")
 
@@ -75,21 +75,6 @@ class _Constants:
     @property
     def top_p(self) -> torch.Tensor:
         return self.floats[1]
-
-
-def new_static_cache(model: Any, batch: int, length: int, device: torch.device) -> Any:
-    """A StaticCache with this era's constructor (keywords: a positional arg means offloading in 4.56+)."""
-    from transformers import StaticCache
-
-    config = model.config
-    params = inspect.signature(StaticCache.__init__).parameters
-    if "max_cache_len" not in params or "batch_size" in params or "max_batch_size" in params:
-        # <= 4.55: eager buffers on `device`; 4.54-4.55 take (*args, **kwargs) and spell it max_batch_size
-        batch_kw = "batch_size" if "batch_size" in params else "max_batch_size"
-        return StaticCache(
-            config=config, max_cache_len=length, device=device, dtype=model.dtype, **{batch_kw: batch}
-        )
-    return StaticCache(config=config, max_cache_len=length)  # lazily allocated on the first update
 
 
 def _forward(
@@ -275,7 +260,12 @@ def run(model: Any, plan: Plan) -> Any:
     """Generate with static shapes; returns what transformers' generate would return."""
     device = next(iter(model.parameters())).device
     batch = plan.input_ids.shape[0]
-    cache = plan.cache if plan.cache is not None else new_static_cache(model, batch, plan.cache_len, device)
+    adapter = compat.current()
+    cache = plan.cache
+    if cache is None:
+        cache = adapter.make_static_cache(
+            model.config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
+        )
     consts = _constants(plan, device, _vocab_size(model))
     collected = _Collected()
     if plan.sampling is not None:
@@ -307,7 +297,35 @@ def run(model: Any, plan: Plan) -> Any:
         replay.replayed,
         produced,
     )
+    if plan.cache is not None or plan.return_dict:  # the cache reaches the user: make it continuable
+        _settle(adapter, cache, plan, produced, device)
     return _outputs(plan, state, cache, produced, collected)
+
+
+def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, device: torch.device) -> None:
+    """Give the cache the content and length transformers' loop would have left in it.
+
+    Ours holds the prompt left-padded to the bucket (slots shifted by ``P - L``) and maybe a few steps past
+    the last kept token (the lagged stop check). Shift every full-attention buffer back, zero the rest and
+    set the era's length counter: one small graph, compiled once per cache shape, and only for a cache the
+    user keeps. A rolling sliding window cannot be rebuilt that way: such a cache is marked, and continuing
+    it raises StaleCacheError (after ``cache.reset()`` it is usable again).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is not None and any(getattr(layer, "is_sliding", False) for layer in layers):
+        setattr(cache, STALE_ATTR, "its sliding-window layers hold the bucket-padded prompt")
+        return
+    length = plan.input_ids.shape[1] + produced - 1  # the last token is never fed back
+    width = plan.cache_len
+    source = (torch.arange(width) + (plan.prompt_bucket - plan.input_ids.shape[1])).clamp_(max=width - 1)
+    keep = (torch.arange(width) < length).reshape(1, 1, width, 1)
+    source, keep = source.to(device), keep.to(device)
+    for buf in adapter.cache_buffers(cache):
+        buf.copy_(
+            torch.where(keep, buf.index_select(2, source), torch.zeros((), dtype=buf.dtype, device=device))
+        )
+    adapter.set_length(cache, length)
+    torch_xla.sync()
 
 
 def _outputs(plan: Plan, state: _State, cache: Any, produced: int, collected: _Collected) -> Any:

@@ -2,7 +2,7 @@
 
 A subprocess per (variant, new tokens) keeps each measurement's compile count honest and keeps
 XLA:CPU alive: every compiled graph costs ~1,500 memory mappings, and ~40 graphs kill a process.
-This module imports no torch; the workers (``_bench_worker``) do the measuring.
+This module imports no torch; the workers (``bench_worker``) do the measuring.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from xla_cache_patch._bench_worker import SPMD_MISSING, SPMD_UNAVAILABLE, VARIANTS
+from xla_cache_patch.tools.bench_worker import VARIANTS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
 STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
@@ -95,7 +95,7 @@ def worker_env(spmd: int) -> dict[str, str]:
 
 
 def worker_command(job: Job, args: argparse.Namespace, out: str) -> list[str]:
-    cmd = [sys.executable, "-m", "xla_cache_patch._bench_worker", "--variant", job.variant]
+    cmd = [sys.executable, "-m", "xla_cache_patch.tools.bench_worker", "--variant", job.variant]
     cmd += ["--new-tokens", str(job.new_tokens), "--out", out, "--spmd", str(args.spmd)]
     if args.model:
         cmd += ["--model", str(args.model)]
@@ -150,8 +150,6 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
         row: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             row = json.loads(Path(out).read_text(encoding="utf-8"))
-    if code == SPMD_UNAVAILABLE:
-        raise SystemExit(f"xla-cache-patch bench: {tail.splitlines()[-1] if tail else 'SPMD not available'}")
     if code is None:
         row = {"error": f"timed out after {args.timeout:.0f}s"}
     elif code != 0 and "error" not in row:
@@ -350,9 +348,6 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         except MissingPlotDependency as exc:
             print(f"xla-cache-patch bench: {exc}", file=sys.stderr)
             return 2
-    if args.spmd and importlib.util.find_spec("xla_cache_patch.spmd") is None:
-        print(f"xla-cache-patch bench: --spmd {args.spmd}: {SPMD_MISSING}", file=sys.stderr)
-        return 2
     if args.model and not Path(args.model).is_dir():
         print(
             f"xla-cache-patch bench: --model {args.model}: not a local checkpoint directory", file=sys.stderr

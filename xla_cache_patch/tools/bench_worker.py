@@ -4,14 +4,13 @@ Each variant gets a fresh process on purpose: every compiled graph of even the t
 about 1,500 memory mappings on XLA:CPU, and a process that compiles ~40 graphs dies. The parent
 (``bench.py``) spawns this module, so it is the only place torch, torch_xla and transformers load.
 
-    python -m xla_cache_patch._bench_worker --variant loop-inplace --new-tokens 8 --out row.json
+    python -m xla_cache_patch.tools.bench_worker --variant loop-inplace --new-tokens 8 --out row.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -21,14 +20,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from xla_cache_patch import tiny
+from xla_cache_patch import compat
 from xla_cache_patch.metrics import count_compiles
+from xla_cache_patch.tools import tiny
 
 VARIANTS = ("generate-stock", "generate-patched", "loop-stock", "loop-inplace", "loop-functional")
 PATCH_MODE = {"generate-patched": "inplace", "loop-inplace": "inplace", "loop-functional": "functional"}
 WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
-SPMD_UNAVAILABLE = 3  # exit code: the sharding hook is not there
-SPMD_MISSING = "SPMD sharding is not available in this build (xla_cache_patch.spmd.shard_model is missing)"
 
 
 def _metric(met: Any, name: str, index: int) -> float:
@@ -87,7 +85,7 @@ def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> t
         return result.tokens, result.step_compiles, result.cache
     device = next(model.parameters()).device
     inputs = ids.to(device)
-    tiny.drop_model_cache(model)
+    compat.drop_model_cache(model)
     # generate-patched calls the same public API: with apply(generate=True) it takes the fast path.
     out = model.generate(
         inputs,
@@ -96,7 +94,7 @@ def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> t
         cache_implementation="static",
         return_dict_in_generate=True,
     )
-    return _new_tokens_of(out.sequences, ids), [], tiny.returned_cache(out)
+    return _new_tokens_of(out.sequences, ids), [], compat.returned_cache(out)
 
 
 def kv_sharding(cache: Any) -> str:
@@ -105,19 +103,13 @@ def kv_sharding(cache: Any) -> str:
 
     if cache is None:
         return "-"
-    specs = {torch_xla._XLAC._get_xla_sharding_spec(b) for b in tiny.cache_buffers(cache)}
+    specs = {torch_xla._XLAC._get_xla_sharding_spec(b) for b in compat.current().cache_buffers(cache)}
     if len(specs) == 1:
         spec = specs.pop()
         if spec.startswith("{devices=[1,") and spec.split("]")[0].endswith(",1,1"):
             return f"heads/{spec.split(',')[1]}"
         return spec.strip("{}") or "replicated"  # SPMD replicates what carries no annotation
     return "mixed: " + ", ".join(sorted(specs))
-
-
-def _require_fast_path(variant: str) -> None:
-    """Fail before the CPU reference when the fast-path generate is not in this build."""
-    if variant == "generate-patched" and importlib.util.find_spec("xla_cache_patch.fastgen") is None:
-        raise RuntimeError("the fast-path generate (xla_cache_patch.fastgen) is not in this build")
 
 
 def _apply_patch(variant: str) -> dict[str, Any]:
@@ -187,14 +179,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """CPU eager reference, then a cold and a steady XLA run of the same variant."""
     import torch
 
-    _require_fast_path(args.variant)
     row: dict[str, Any] = {"variant": args.variant, "new_tokens": args.new_tokens}
     model = _load_model(args)
     _fixed_length(model)
     ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
     with torch.no_grad():
         reference, _, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=False)
-    tiny.drop_model_cache(model)
+    compat.drop_model_cache(model)
     row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
     model = _to_xla(model, args.spmd)
 
@@ -231,7 +222,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m xla_cache_patch._bench_worker")
+    p = argparse.ArgumentParser(prog="python -m xla_cache_patch.tools.bench_worker")
     p.add_argument("--variant", choices=VARIANTS, required=True)
     p.add_argument("--new-tokens", type=int, required=True)
     p.add_argument("--out", required=True, help="where to write the row as JSON")
@@ -245,9 +236,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.spmd and importlib.util.find_spec("xla_cache_patch.spmd") is None:
-        print(f"--spmd {args.spmd}: {SPMD_MISSING}", file=sys.stderr)
-        return SPMD_UNAVAILABLE
     try:
         row = measure(args)
         code = 0

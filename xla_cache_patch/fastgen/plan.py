@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from xla_cache_patch import compat
+
 EOS_CHECK_KWARG = "xla_eos_check_every"
 REPLAY_KWARG = "xla_replay"
 DEFAULT_EOS_CHECK_EVERY = 8
@@ -91,11 +93,26 @@ _MODE_ARGS = (
     "custom_generate",
     "assistant_tokenizer",
 )
-_CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
+CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
+# Set on a cache the fast path filled in a layout transformers cannot continue from (sliding layers).
+STALE_ATTR = "_xla_cache_patch_stale"
+_DOCS_FIX = "See docs/generate.md for what takes the fast path."
 
 
 class Fallback(Exception):
-    """Raised while planning: this call must go to transformers' own ``generate``; the message says why."""
+    """Raised while planning: this call must go to transformers' own ``generate``; the message says why.
+
+    ``key`` names the reason (one warning per key per process), ``fix`` what the user can do, and
+    ``on_xla`` whether the model is on an XLA device (elsewhere falling back is the normal path).
+    """
+
+    def __init__(
+        self, reason: str, key: str | None = None, fix: str = _DOCS_FIX, on_xla: bool = True
+    ) -> None:
+        super().__init__(reason)
+        self.key = key or reason
+        self.fix = fix
+        self.on_xla = on_xla
 
 
 @dataclass(frozen=True)
@@ -132,7 +149,7 @@ class Plan:
     output_scores: bool
     output_logits: bool
     eos_check_every: int
-    replay: bool  # replay the compiled decode step instead of re-tracing it (see fastgen_replay)
+    replay: bool  # replay the compiled decode step instead of re-tracing it (see fastgen.replay)
     prompt_bucket: int  # P: the prompt is left-padded to this length
     cache_len: int  # C: cache slots and attention-mask length
     cache: Any | None  # an empty user StaticCache, else None (the loop builds one)
@@ -175,8 +192,8 @@ def cache_bucket(length: int) -> int:
 def forward_spec(model_cls: type) -> ForwardSpec | None:
     params = inspect.signature(model_cls.forward).parameters
     needed = ("input_ids", "attention_mask", "position_ids")
-    cache_kwarg = next((name for name in ("cache", "past_key_values") if name in params), None)
-    if cache_kwarg is None or not all(name in params for name in needed):
+    cache_kwarg = compat.cache_kwarg(model_cls)
+    if cache_kwarg not in params or not all(name in params for name in needed):
         return None
     logits_kwarg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
     return ForwardSpec(cache_kwarg, "cache_position" in params, logits_kwarg)
@@ -190,12 +207,16 @@ def _spmd() -> bool:
     return bool(xr.is_spmd())
 
 
-def _require(condition: bool, reason: str) -> None:
+def _require(condition: bool, reason: str, key: str | None = None, fix: str = _DOCS_FIX) -> None:
     if not condition:
-        raise Fallback(reason)
+        raise Fallback(reason, key, fix)
 
 
-def _check_model(model: Any) -> ForwardSpec:
+def _check_model(model: Any, policy: bool | str) -> ForwardSpec:
+    param = next(iter(model.parameters()), None)
+    if param is None or param.device.type != "xla":
+        where = None if param is None else param.device
+        raise Fallback(f"model parameters are not on an XLA device ({where})", on_xla=False)
     config = getattr(model, "config", None)
     _require(config is not None, "the model has no config")
     _require(not getattr(config, "is_encoder_decoder", False), "encoder-decoder models are not supported")
@@ -205,18 +226,13 @@ def _check_model(model: Any) -> ForwardSpec:
         getattr(model, "main_input_name", "input_ids") == "input_ids", "the model does not take input_ids"
     )
     _require("generate" not in vars(model), "the instance has its own generate (custom_generate)")
-    param = next(iter(model.parameters()), None)
-    _require(
-        param is not None and param.device.type == "xla",
-        f"model parameters are not on an XLA device ({None if param is None else param.device})",
-    )
     device_map = getattr(model, "hf_device_map", None)
     _require(not device_map or len(set(device_map.values())) <= 1, "the model is split across devices")
     supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
     _require(supports_cache is None or supports_cache(), "the model does not use transformers' Cache classes")
     spec = forward_spec(type(model))
     _require(spec is not None, "the forward does not take input_ids/attention_mask/position_ids and a cache")
-    return spec
+    return spec  # type: ignore[return-value]
 
 
 def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -234,7 +250,12 @@ def _check_mode_args(kwargs: dict[str, Any]) -> None:
         value = kwargs.pop(name, None)
         if name in ("logits_processor", "stopping_criteria") and value is not None and len(value) == 0:
             continue
-        _require(value is None or value is False, f"{name} is not supported")
+        _require(
+            value is None or value is False,
+            f"{name} is not supported",
+            name,
+            f"Leave {name} out to take the fast path. {_DOCS_FIX}",
+        )
     kwargs.pop("trust_remote_code", None)
     kwargs.pop("tokenizer", None)  # only used by stop_strings / token_healing, both refused below
 
@@ -269,7 +290,12 @@ def _check_options(config: Any) -> None:
     for name, value in config.to_dict().items():
         if name.startswith("_") or name in _HANDLED or value is None or value is False or value == {}:
             continue
-        _require(value in _NEUTRAL.get(name, ()), f"generation option {name}={value!r} is not supported")
+        _require(
+            value in _NEUTRAL.get(name, ()),
+            f"generation option {name}={value!r} is not supported by the fast path",
+            name,
+            f"Leave {name} at its default to take the fast path. {_DOCS_FIX}",
+        )
     _require(config.use_cache is not False, "use_cache=False")
 
 
@@ -328,38 +354,46 @@ def _attention_mask(model_kwargs: dict[str, Any], ids: torch.Tensor, eos: tuple[
     return mask
 
 
-def _user_cache(model_kwargs: dict[str, Any], config: Any) -> Any | None:
-    given = [model_kwargs.pop(name) for name in _CACHE_KWARGS if model_kwargs.get(name) is not None]
-    for name in _CACHE_KWARGS:
+def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: bool | str) -> Any | None:
+    """The user's StaticCache, or None when the loop builds one; Fallback when the call wants another."""
+    given = [model_kwargs.pop(name) for name in CACHE_KWARGS if model_kwargs.get(name) is not None]
+    for name in CACHE_KWARGS:
         model_kwargs.pop(name, None)
     _require(len(given) <= 1, "several cache arguments")
+    wanted = config.cache_implementation
     if given:
         from transformers import StaticCache
 
-        _require(type(given[0]) is StaticCache, f"cache of type {type(given[0]).__name__} (only StaticCache)")
-        _require(config.cache_implementation is None, "both a cache object and cache_implementation")
-        return given[0]
+        _require(
+            type(given[0]) is StaticCache,
+            f"a cache of type {type(given[0]).__name__} was passed (only StaticCache takes the fast path)",
+            "cache-type",
+            "Pass a transformers.StaticCache, or no cache.",
+        )
+        _require(wanted is None, "both a cache object and cache_implementation")
+    elif wanted is None:
+        _require(
+            policy is True,
+            "no cache implementation was asked for, and apply(generate='explicit') keeps such calls on "
+            "transformers' dynamic cache",
+            "cache_implementation-explicit",
+            "Pass cache_implementation='static' to generate, or apply() without generate='explicit'.",
+        )
+    else:
+        _require(
+            wanted == "static",
+            f"cache_implementation={wanted!r}",
+            f"cache_implementation={wanted}",
+            "Pass cache_implementation='static' (or leave it unset) for the fast path.",
+        )
+    supports = getattr(model, "_supports_static_cache", True)
     _require(
-        config.cache_implementation == "static",
-        f"no static cache requested (cache_implementation={config.cache_implementation!r})",
+        supports is not False,
+        f"{type(model).__name__} does not support a static cache (_supports_static_cache=False)",
+        "_supports_static_cache",
+        "Nothing to do on this transformers release: the model itself needs a dynamic cache.",
     )
-    return None
-
-
-def _cache_tensors(cache: Any) -> list[torch.Tensor]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [
-            t
-            for layer in layers
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor)
-        ]
-    return [
-        t
-        for t in (*getattr(cache, "key_cache", ()), *getattr(cache, "value_cache", ()))
-        if isinstance(t, torch.Tensor)
-    ]
+    return given[0] if given else None
 
 
 def cache_capacity(cache: Any) -> int | None:
@@ -376,7 +410,7 @@ def cache_capacity(cache: Any) -> int | None:
 
 
 def _check_user_cache(cache: Any, batch: int) -> None:
-    tensors = _cache_tensors(cache)
+    tensors = compat.current().cache_buffers(cache)
     _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
     sizes = [getattr(cache, name, None) for name in ("max_batch_size", "batch_size")]
     size = next((int(v) for v in sizes if isinstance(v, int) and v > 0), None)  # 5.x: -1 until allocated
@@ -386,7 +420,13 @@ def _check_user_cache(cache: Any, batch: int) -> None:
     initialized = getattr(cache, "is_initialized", True)
     if initialized is True or (not isinstance(initialized, bool) and initialized):
         seen = int(cache.get_seq_length())  # one small device read; a filled cache is a continuation
-        _require(seen == 0, f"the cache already holds {seen} tokens (continuation)")
+        _require(
+            seen == 0,
+            f"the cache already holds {seen} tokens (a continuation)",
+            "continuation",
+            "Continuing a conversation from a filled cache runs transformers' loop; to start fresh, call "
+            "cache.reset() and pass the whole conversation.",
+        )
 
 
 def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
@@ -422,9 +462,11 @@ def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch
     return max_new, min_length
 
 
-def plan_request(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options) -> Plan:
+def plan_request(
+    model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options, policy: bool | str = True
+) -> Plan:
     """Build the Plan, or raise Fallback with the reason this call must use transformers' generate."""
-    spec = _check_model(model)
+    spec = _check_model(model, policy)
     kwargs = dict(kwargs)
     inputs, gen_config = _split_args(args, kwargs)
     _check_mode_args(kwargs)
@@ -441,7 +483,7 @@ def plan_request(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opti
     eos, pad = _special_tokens(config)
     cpu_ids = ids.to("cpu", torch.int64)
     mask = _attention_mask(model_kwargs, cpu_ids, eos, pad)
-    cache = _user_cache(model_kwargs, config)
+    cache = _user_cache(model, model_kwargs, config, policy)
     model_kwargs.pop("use_cache", None)
     leftover = sorted(
         name for name, value in model_kwargs.items() if value is not None and value is not False

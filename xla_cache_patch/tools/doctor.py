@@ -165,7 +165,7 @@ def check_activation(environ: dict[str, str] | None = None) -> list[Check]:
 
 
 def _child_env() -> dict[str, str]:
-    from xla_cache_patch.bench import worker_env
+    from xla_cache_patch.tools.bench import worker_env
 
     return worker_env(0)
 
@@ -200,11 +200,11 @@ def check_devices(timeout: float = 300.0) -> Check:
 
 def run_probe(timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """Decode a few tokens of the tiny Llama on XLA with the in-place patch, in a fresh process."""
-    from xla_cache_patch.bench import worker_env
+    from xla_cache_patch.tools.bench import worker_env
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "probe.json")
-        cmd = [sys.executable, "-m", "xla_cache_patch._bench_worker", "--variant", "loop-inplace"]
+        cmd = [sys.executable, "-m", "xla_cache_patch.tools.bench_worker", "--variant", "loop-inplace"]
         cmd += ["--new-tokens", str(PROBE_TOKENS), "--out", str(out)]
         try:
             proc = subprocess.run(cmd, env=worker_env(0), capture_output=True, text=True, timeout=timeout)

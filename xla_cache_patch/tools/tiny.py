@@ -7,11 +7,12 @@ the functions: importing this module stays as cheap as importing the package.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from xla_cache_patch import compat
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -83,71 +84,6 @@ def prompt_ids(
     return torch.randint(0, vocab, (1, length), generator=gen)
 
 
-def make_static_cache(
-    config: Any,
-    max_cache_len: int,
-    *,
-    batch_size: int = 1,
-    device: Any = None,
-    dtype: Any = None,
-) -> Any:
-    """Build a ``StaticCache`` on any supported transformers, reading the constructor's signature.
-
-    >= 4.56 takes keywords only (a positional third argument silently means ``offloading``) and
-    allocates lazily on the device of the first write; older ones need batch size, device, dtype.
-    """
-    import torch
-    from transformers import StaticCache
-
-    params = inspect.signature(StaticCache.__init__).parameters
-    kwargs: dict[str, Any] = {"config": config, "max_cache_len": max_cache_len}
-    eager = "max_cache_len" not in params  # 4.54-4.55: StaticCache(*args, **kwargs), keywords only
-    if "max_batch_size" in params or eager:
-        kwargs["max_batch_size"] = batch_size
-    elif "batch_size" in params:
-        kwargs["batch_size"] = batch_size
-    if "device" in params or eager:
-        kwargs["device"] = device if device is not None else "cpu"
-    if "dtype" in params or eager:
-        kwargs["dtype"] = dtype if dtype is not None else torch.float32
-    return StaticCache(**kwargs)
-
-
-def drop_model_cache(model: Any) -> None:
-    """Forget the static cache transformers < 5.15 keeps on the model between ``generate`` calls.
-
-    Without this, generate on CPU then ``.to(xla)`` then generate fails with
-    ``Expected XLA tensor. Got: torch.FloatTensor``.
-    """
-    model.__dict__.pop("_cache", None)
-    modules = getattr(model, "_modules", None)
-    if isinstance(modules, dict):
-        modules.pop("_cache", None)
-
-
-def cache_buffers(cache: Any) -> list[torch.Tensor]:
-    """The K and V buffers of every layer: ``layers[i].keys/.values`` (4.54+) or ``key_cache`` lists.
-
-    Lazily allocated layers (4.56+) that have not been written yet have none and are skipped.
-    """
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
-    return [*cache.key_cache, *cache.value_cache]
-
-
-def returned_cache(out: Any) -> Any:
-    """The cache of a ``return_dict_in_generate`` output: 5.24 renamed ``past_key_values`` to ``cache``."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def cache_argument(model: Any) -> str:
-    """Name of the forward's cache argument: 5.24 renamed ``past_key_values`` to ``cache``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-
-
 @dataclass
 class DecodeResult:
     """New tokens (CPU, shape (1, n)), per-step host wall time and compile counts, and the cache."""
@@ -180,8 +116,10 @@ def decode_loop(
     device = next(model.parameters()).device
     if cache is None:
         length = max_cache_len or input_ids.shape[1] + new_tokens
-        cache = make_static_cache(model.config, length, device=device, dtype=next(model.parameters()).dtype)
-    name = cache_argument(model)
+        cache = compat.current().make_static_cache(
+            model.config, length, device=device, dtype=next(model.parameters()).dtype
+        )
+    name = compat.cache_kwarg(model)
     x = input_ids.to(device)
     pos = torch.arange(x.shape[1], device=device)
     out: list[torch.Tensor] = []

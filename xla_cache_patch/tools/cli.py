@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xla_cache_patch import __version__, bench, doctor
+from xla_cache_patch import __version__
+from xla_cache_patch.tools import bench, doctor
 
 
 def build_parser() -> argparse.ArgumentParser:

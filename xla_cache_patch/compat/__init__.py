@@ -1,0 +1,216 @@
+"""One adapter per transformers era: everything this package knows about how a release stores its cache.
+
+An era is a span of transformers releases whose static-cache code has one shape. Its adapter (one module
+in this package, ``compat/<era>.py``, exporting ``ADAPTER``) holds all of that era's knowledge: nominal
+versions, detection from code features, patch targets as real functions, how to build a ``StaticCache``,
+how to list its buffers, and what the forward calls its cache. Nothing else in the package branches on
+the era, so supporting a new release is one new file here (discovered, no list to edit).
+
+This module is torch-free: the adapters (which import torch) load on first use, after transformers.
+The supported range is declared once, here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+SUPPORTED = SpecifierSet(">=4.41,<6")
+"""The one place the supported transformers range is declared."""
+
+CACHE_MODULE = "transformers.cache_utils"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One attribute we wrap: ``"Class.method"`` or ``"function"`` of ``transformers.cache_utils``.
+
+    ``impl(mode, options, wrapped, *original_args)`` replaces it; ``params`` must be parameters of the
+    original, else the code changed shape and nothing is patched.
+    """
+
+    path: str
+    impl: Callable[..., Any]
+    params: tuple[str, ...] = ()
+    optional: bool = False  # the class may be absent in some releases of the era
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{CACHE_MODULE}:{self.path}"
+
+
+def code_names(func: Any) -> tuple[str, ...]:
+    """Global and attribute names a function's code reads: a cheap fingerprint of what it does.
+
+    Read through a wrapper of ours (the patch may be applied when an era is detected again).
+    """
+    from xla_cache_patch.integrations import find_ours
+
+    ours = find_ours(func)
+    if ours is not None:
+        func = ours.__wrapped__
+    code = getattr(func, "__code__", None)
+    return tuple(code.co_names) if code is not None else ()
+
+
+def has_varargs(func: Any) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def find_class(module: ModuleType, name: str) -> type | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, type) else None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What one era's code looks like and how to drive it. Era modules build one with their own functions."""
+
+    name: str
+    versions: str  # nominal range, a PEP 440 specifier (">=4.43,<4.52"); detection uses ``detect``
+    test_version: str  # the release the era matrix installs for this era
+    detect: Callable[[ModuleType], bool]
+    targets: tuple[Target, ...]
+    make_static_cache: Callable[..., Any]  # (config, max_cache_len, *, batch_size, device, dtype)
+    cache_buffers: Callable[[Any], list[Any]]  # allocated K and V buffers, layer by layer
+    # Functional mode needs other targets where the inplace ones cannot store a new tensor back.
+    functional_targets: tuple[Target, ...] | None = None
+    left_alone: tuple[tuple[str, str], ...] = ()  # (Class or Class.method, why)
+    # Does the original cast key/value states to the cache dtype (else stock raises on a mismatch)?
+    casts_states: Callable[[Any], bool] = lambda func: "dtype" in code_names(func)
+    # Set the token count a continuation reads, after the fast path moved the cache's content.
+    set_length: Callable[[Any, int], None] = lambda cache, length: None
+    notes: str = ""
+
+    def targets_for(self, mode: str) -> tuple[Target, ...]:
+        if mode == "functional" and self.functional_targets is not None:
+            return self.functional_targets
+        return self.targets
+
+    def covers(self, version: str) -> bool:
+        parsed = parse_version(version)
+        return parsed is not None and SpecifierSet(self.versions).contains(
+            Version(parsed.base_version), prereleases=True
+        )
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward's cache argument: ``past_key_values``, or ``cache`` from 5.24 (old name still works)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache of a ``return_dict_in_generate`` output (``cache`` from 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def drop_model_cache(model: Any) -> None:
+    """Forget the static cache transformers < 5.15 keeps on the model between ``generate`` calls.
+
+    Without this, generate on CPU then ``.to(xla)`` then generate fails with
+    ``Expected XLA tensor. Got: torch.FloatTensor``.
+    """
+    model.__dict__.pop("_cache", None)
+    modules = getattr(model, "_modules", None)
+    if isinstance(modules, dict):
+        modules.pop("_cache", None)
+
+
+# --- discovery ----------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_extra: list[Adapter] = []
+_found: tuple[Adapter, ...] | None = None
+
+
+def adapters() -> tuple[Adapter, ...]:
+    """Every era adapter, newest first: each public module of this package, plus any ``register``-ed."""
+    global _found
+    with _lock:
+        if _found is None:
+            found = []
+            for info in pkgutil.iter_modules(__path__):
+                if not info.name.startswith("_"):
+                    module = importlib.import_module(f"{__name__}.{info.name}")
+                    found.append(module.ADAPTER)
+            _found = tuple(found)
+        every = (*_found, *_extra)
+    return tuple(sorted(every, key=lambda a: _low(a.versions), reverse=True))
+
+
+def register(adapter: Adapter) -> None:
+    """Add an adapter that does not live in this package (a fork's era, a test's fake era)."""
+    with _lock:
+        _extra.append(adapter)
+
+
+def forget() -> None:
+    """Drop ``register``-ed adapters and rescan the package on next use."""
+    global _found
+    with _lock:
+        _extra.clear()
+        _found = None
+
+
+def _low(versions: str) -> Version:
+    lows = [Version(s.version) for s in SpecifierSet(versions) if s.operator in (">=", ">", "==")]
+    return min(lows) if lows else Version("0")
+
+
+def parse_version(version: str) -> Version | None:
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return None
+
+
+def is_supported(version: str) -> bool:
+    parsed = parse_version(version)
+    return parsed is not None and SUPPORTED.contains(parsed, prereleases=True)
+
+
+def nominal_era(version: str) -> str | None:
+    """The era a version number belongs to (may be wrong for forks: ``detect`` reads the code)."""
+    if not is_supported(version):
+        return None
+    return next((a.name for a in adapters() if a.covers(version)), None)
+
+
+def detect(module: ModuleType) -> Adapter | None:
+    """The adapter whose code features ``module`` (a ``transformers.cache_utils``) has, or None."""
+    return next((a for a in adapters() if a.detect(module)), None)
+
+
+def by_name(name: str) -> Adapter | None:
+    return next((a for a in adapters() if a.name == name), None)
+
+
+def current() -> Adapter:
+    """The adapter of the installed transformers (imports ``transformers.cache_utils``)."""
+    from xla_cache_patch.errors import UnsupportedVersionError
+
+    module = sys.modules.get(CACHE_MODULE) or importlib.import_module(CACHE_MODULE)
+    adapter = detect(module)
+    if adapter is None:
+        raise UnsupportedVersionError(
+            f"transformers {getattr(sys.modules.get('transformers'), '__version__', '?')}: its cache code "
+            "has no shape this version of xla-cache-patch knows (no era adapter matched)"
+        )
+    return adapter

@@ -1,0 +1,171 @@
+"""XLA fast path for ``model.generate``: the same compiled graphs however many tokens are generated.
+
+transformers' own loop grows ``input_ids`` and the attention mask by ``torch.cat`` every step and syncs on
+the stop flag, so on XLA every step is a graph of a new shape (50+ compilations for 16 tokens). Here a
+call that qualifies (decoder-only model on an XLA device, static cache, greedy or temperature/top-k/top-p
+sampling, eos, left padding) runs a static-shape loop instead (``loop``): one graph per prompt-length
+bucket for the prefill and one for the decode step. A call on an XLA model that asks for no cache
+implementation gets a static cache (the tokens are the dynamic cache's; a dynamic cache on XLA recompiles
+every step). Every other call goes to the original ``generate`` unchanged: for an XLA model one WARNING
+per reason per process says why and what to do; for a model elsewhere (CPU) it is the normal path.
+
+Modules: ``plan`` decides and prepares a call, ``loop`` runs it, ``replay`` re-runs the compiled decode
+step without re-tracing. Only ``loop`` and ``replay`` import torch_xla, and only when a call runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from xla_cache_patch._frames import call_as_caller
+from xla_cache_patch.errors import StaleCacheError
+from xla_cache_patch.fastgen.plan import (
+    CACHE_KWARGS,
+    EOS_CHECK_KWARG,
+    REPLAY_KWARG,
+    STALE_ATTR,
+    Fallback,
+    Plan,
+    plan_request,
+    pop_own_kwargs,
+)
+
+__all__ = ["EOS_CHECK_KWARG", "REPLAY_KWARG", "generate", "generate_wrapper", "plan"]
+
+log = logging.getLogger("xla_cache_patch.fastgen")
+
+# Set while transformers' own generate runs for a call we declined: generate calls nested in it
+# (assistant models, token healing) must not be taken over half-way through its bookkeeping.
+_IN_FALLBACK: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "xla_cache_patch_in_fallback", default=False
+)
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str = True) -> Plan | str:
+    """The fast-path plan for this call, or the reason it must fall back (for callers and tests)."""
+    result = _plan(model, args, kwargs, policy)
+    return str(result) if isinstance(result, Fallback) else result
+
+
+def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str) -> Plan | Fallback:
+    kwargs, options = pop_own_kwargs(kwargs)
+    try:
+        return plan_request(model, args, kwargs, options, policy)
+    except Fallback as reason:
+        return reason
+    except Exception as exc:  # planning only inspects; a surprise there must not break generate
+        return Fallback(f"could not plan the fast path: {exc!r}", on_xla=_on_xla(model))
+
+
+def _on_xla(model: Any) -> bool:
+    try:
+        param = next(iter(model.parameters()), None)
+    except Exception:
+        return False
+    return param is not None and param.device.type == "xla"
+
+
+def _fallback(
+    wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], why: Fallback
+) -> Any:
+    log.debug("generate falls back to transformers: %s", why)
+    if why.on_xla:
+        _warn_once(why)
+    token = _IN_FALLBACK.set(True)
+    try:
+        # From a frame that carries the caller's file and line: transformers' warnings with stacklevel=2
+        # point at the user's call, as they do without us.
+        return call_as_caller(wrapped, args, kwargs)
+    finally:
+        _IN_FALLBACK.reset(token)
+
+
+def _warn_once(why: Fallback) -> None:
+    with _warned_lock:
+        if why.key in _warned:
+            return
+        _warned.add(why.key)
+    log.warning(
+        "xla_cache_patch: this generate call on XLA runs transformers' own loop, which compiles a new XLA "
+        "graph at every step (slow, and XLA:CPU can run out of memory maps): %s. %s "
+        "(said once per reason per process)",
+        why,
+        why.fix,
+    )
+
+
+def _check_stale(model: Any, kwargs: dict[str, Any]) -> None:
+    """A cache the fast path left in a layout transformers cannot continue from must not be continued."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        reason = getattr(cache, STALE_ATTR, None) if cache is not None else None
+        if reason is None:
+            continue
+        if int(cache.get_seq_length()) == 0:  # reset since: usable again
+            delattr(cache, STALE_ATTR)
+            continue
+        raise StaleCacheError(
+            f"this cache was filled by xla_cache_patch's generate fast path and cannot be continued: "
+            f"{reason}. Call cache.reset() and pass the whole conversation again (or pass no cache)"
+        )
+
+
+def generate_wrapper(
+    wrapped: Callable[..., Any],
+    instance: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    policy: bool | str = True,
+) -> Any:
+    """The fast path for ``instance.generate(*args, **kwargs)``, or ``wrapped`` (the original) unchanged."""
+    own_free, _ = pop_own_kwargs(kwargs)  # validates xla_eos_check_every even when we fall back
+    if _IN_FALLBACK.get():
+        return call_as_caller(wrapped, args, own_free)
+    if instance is None:
+        return _fallback(wrapped, args, own_free, Fallback("generate called without a model instance"))
+    _check_stale(instance, kwargs)
+    result = _plan(instance, args, kwargs, policy)
+    if isinstance(result, Fallback):
+        return _fallback(wrapped, args, own_free, result)
+    log.debug(
+        "fast path: batch=%d prompt=%d bucket=%d cache=%d max_new_tokens=%d sampling=%s",
+        result.input_ids.shape[0],
+        result.input_ids.shape[1],
+        result.prompt_bucket,
+        result.cache_len,
+        result.max_new_tokens,
+        result.sampling is not None,
+    )
+    from xla_cache_patch.fastgen.loop import run  # imports torch_xla: only now that a call runs on XLA
+
+    return run(instance, result)
+
+
+def _original_generate(model: Any) -> Callable[..., Any]:
+    """``model.generate`` without our wrapper on top (others' wrappers stay and are called)."""
+    import inspect
+
+    from xla_cache_patch.integrations import is_ours
+
+    if "generate" in vars(model):
+        return model.generate
+    func = inspect.getattr_static(type(model), "generate")
+    if is_ours(func):
+        func = func.__wrapped__
+    return func.__get__(model, type(model))
+
+
+def generate(model: Any, input_ids: Any = None, **kwargs: Any) -> Any:
+    """``model.generate(input_ids, **kwargs)`` through the XLA fast path when it qualifies.
+
+    Accepts what ``generate`` accepts plus ``xla_eos_check_every=k`` (read the stop flag every k steps;
+    0 never stops early). Calls that do not qualify run transformers' original ``generate``.
+    """
+    args = () if input_ids is None else (input_ids,)
+    return generate_wrapper(_original_generate(model), model, args, kwargs)
