@@ -43,8 +43,10 @@ STARTUP = {{
     "wrapt": "wrapt" in sys.modules,
 }}
 calls = []
-def _apply(**kwargs):
-    calls.append(kwargs)
+def _on_imported(module, mode, strict=False, generate=True):
+    if module.__name__ != "transformers.cache_utils":
+        return
+    calls.append(dict(mode=mode, strict=strict))
     if os.environ.get("STUB_RAISES") == "runtime":
         raise RuntimeError("boom from the stub registry")
     if os.environ.get("STUB_RAISES") == "unsupported":
@@ -52,7 +54,7 @@ def _apply(**kwargs):
         raise UnsupportedVersionError("stub says unsupported")
     return True
 _stub = types.ModuleType("xla_cache_patch.registry")
-_stub.apply = _apply
+_stub.on_imported = _on_imported
 sys.modules["xla_cache_patch.registry"] = _stub
 def report(**extra):
     print(json.dumps({{"startup": STARTUP, "calls": calls, **extra}}))
@@ -166,6 +168,8 @@ def warnings_in(stderr: str) -> list[str]:
         ("1", "inplace"),
         ("true", "inplace"),
         ("On", "inplace"),
+        ("yes", "inplace"),
+        ("No", None),
         ("inplace", "inplace"),
         ("FUNCTIONAL", "functional"),
     ],
@@ -175,9 +179,9 @@ def test_parse_mode(value: str | None, mode: str | None) -> None:
 
 
 def test_parse_mode_rejects_unknown_naming_the_variable_and_values() -> None:
-    with pytest.raises(ValueError, match="XLA_CACHE_PATCH='yes'") as info:
-        activation.parse_mode("yes")
-    for allowed in ("1", "true", "on", "inplace", "functional", "0", "false", "off"):
+    with pytest.raises(ValueError, match="XLA_CACHE_PATCH='maybe'") as info:
+        activation.parse_mode("maybe")
+    for allowed in ("1", "true", "on", "yes", "inplace", "functional", "0", "false", "off", "no"):
         assert allowed in str(info.value)
 
 

@@ -331,20 +331,24 @@ class _Cache445:  # 4.45-4.50
 
 @needs_xla
 @pytest.mark.parametrize(
-    ("fake", "expected"),
+    ("fake", "era", "expected"),
     [
-        (_Cache456, {"max_cache_len": 64, "offloading": False}),
-        (_Cache451, {"max_batch_size": 1, "max_cache_len": 64, "device": "cpu"}),
-        (_Cache445, {"max_batch_size": 1, "batch_size": None, "max_cache_len": 64}),
+        (_Cache456, "lazy_layers", {"max_cache_len": 64, "offloading": False}),
+        (_Cache451, "index_copy", {"max_batch_size": 1, "max_cache_len": 64, "device": "cpu"}),
+        (_Cache445, "index_copy", {"max_batch_size": 1, "batch_size": None, "max_cache_len": 64}),
     ],
 )
 def test_static_cache_constructor_follows_the_signature(
-    monkeypatch: pytest.MonkeyPatch, fake: type, expected: dict[str, object]
+    monkeypatch: pytest.MonkeyPatch, fake: type, era: str, expected: dict[str, object]
 ) -> None:
+    """Each era adapter builds its StaticCache with keywords (a positional third one means offloading)."""
+    import importlib
+
     import transformers
 
+    adapter = importlib.import_module(f"xla_cache_patch.compat.{era}").ADAPTER
     monkeypatch.setattr(transformers, "StaticCache", fake)
     _CALLS.clear()
-    compat.current().make_static_cache(object(), 64)
+    adapter.make_static_cache(object(), 64)
     (call,) = _CALLS
     assert {k: call[k] for k in expected} == expected

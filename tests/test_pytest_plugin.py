@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from xla_cache_patch import __version__, activation, eras
+from xla_cache_patch import __version__, activation
 
 pytest_plugins = ["pytester"]
 
@@ -53,7 +53,8 @@ def header(result: pytest.RunResult) -> str:
 
 def expected_versions() -> str:
     version = importlib.metadata.version("transformers")
-    return f"xla-cache-patch {__version__}: transformers {version}, era {eras.nominal_era(version)}; "
+    # The era needs the adapters (torch): a cheap header names it only when transformers is loaded.
+    return f"xla-cache-patch {__version__}: transformers {version}, supported; "
 
 
 def test_registered_as_pytest11_entry_point() -> None:
@@ -108,10 +109,10 @@ def test_session_option_patches_when_transformers_is_imported(pytester: pytest.P
             assert status.applied and status.mode == "functional"
         """,
     )
-    result = pytester.runpytest_subprocess("--xla-cache-patch=functional", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess("--xla-cache-patch-mode=functional", "-p", "no:randomly")
     result.assert_outcomes(passed=3)
     assert header(result).startswith(
-        expected_versions() + "patch on (mode=functional, from --xla-cache-patch=functional"
+        expected_versions() + "patch on (mode=functional, from --xla-cache-patch-mode=functional"
     )
 
 
@@ -120,7 +121,7 @@ def test_session_state_is_handed_back_at_exit(pytester: pytest.Pytester) -> None
     registry = sys.modules.get("xla_cache_patch.registry")
     before = (activation.current_request(), registry is not None and registry.is_applied())
     pytester.makepyfile("def test_x(): pass\n")
-    result = pytester.runpytest("--xla-cache-patch=functional", "-p", "no:randomly")
+    result = pytester.runpytest("--xla-cache-patch-mode=functional", "-p", "no:randomly")
     result.assert_outcomes(passed=1)
     registry = sys.modules.get("xla_cache_patch.registry")
     assert (activation.current_request(), registry is not None and registry.is_applied()) == before
@@ -220,3 +221,20 @@ def test_recompilation_guard(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     assert match and int(match.group(1)) > 1, failure
     assert "PT_XLA_DEBUG_LEVEL=2" in failure
     result.stdout.fnmatch_lines(["FAILED *test_recompiles_for_each_shape*"])
+
+
+@needs_transformers
+def test_flag_never_swallows_the_next_path(pytester: pytest.Pytester) -> None:
+    """``pytest --xla-cache-patch some_test.py`` runs that file, patched (the option used to take a value)."""
+    pytester.makepyfile(
+        test_only_me="""
+        def test_patched():
+            import transformers.cache_utils  # noqa: F401
+            from xla_cache_patch import registry
+            assert registry.status().applied and registry.status().mode == "inplace"
+        """,
+        test_not_me="def test_never():\n    raise AssertionError('not selected')\n",
+    )
+    result = pytester.runpytest_subprocess("--xla-cache-patch", "test_only_me.py", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert "patch on (mode=inplace, from --xla-cache-patch;" in header(result)

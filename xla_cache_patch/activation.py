@@ -50,6 +50,7 @@ class Request:
 _lock = threading.Lock()
 _request: Request | None = None
 _hooked: set[str] = set()  # modules with a wrapt hook registered (wrapt has no unregister)
+_fired: dict[str, tuple[str, bool]] = {}  # module -> (mode, strict) its hook last installed
 
 
 def flag_on(value: str | None) -> bool:
@@ -164,6 +165,10 @@ def _on_imported(module: ModuleType) -> None:
     request = _request
     if request is None:
         return
+    with _lock:
+        if _fired.get(module.__name__) == (request.mode, request.strict):
+            return  # already installed this way: a second way in must not install twice
+        _fired[module.__name__] = (request.mode, request.strict)
     try:
         registry = importlib.import_module("xla_cache_patch.registry")
         registry.on_imported(module, request.mode, request.strict)

@@ -29,11 +29,12 @@ from xla_cache_patch.compat._ops import (
 def make_static_cache(
     config: Any, max_cache_len: int, *, batch_size: int = 1, device: Any = None, dtype: Any = None
 ) -> Any:
-    """Eager buffers on ``device``; the batch keyword is ``batch_size`` (4.45-4.50) or ``max_batch_size``."""
+    """Eager buffers on ``device``; the batch keyword is ``max_batch_size`` (``batch_size``, deprecated in
+    4.45-4.50, where there is no other)."""
     from transformers import StaticCache
 
     params = inspect.signature(StaticCache.__init__).parameters
-    batch_kw = "batch_size" if "batch_size" in params else "max_batch_size"
+    batch_kw = "max_batch_size" if "max_batch_size" in params else "batch_size"
     return StaticCache(
         config=config,
         max_cache_len=max_cache_len,

@@ -27,7 +27,7 @@ from xla_cache_patch.tools.bench_worker import VARIANTS
 DEFAULT_NEW_TOKENS = (8, 32, 128)
 STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
 DEFAULT_TIMEOUT_S = 900.0
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)

@@ -79,19 +79,19 @@ def check_torch() -> list[Check]:
 
 
 def check_transformers() -> Check:
-    from xla_cache_patch import eras
+    from xla_cache_patch import compat
 
     version = version_of("transformers")
     if version is None:
-        return Check("transformers", False, "not installed", f"pip install 'transformers{eras.SUPPORTED}'")
-    if not eras.is_supported(version):
+        return Check("transformers", False, "not installed", f"pip install 'transformers{compat.SUPPORTED}'")
+    if not compat.is_supported(version):
         return Check(
             "transformers",
             False,
-            f"{version} is outside the supported range {eras.SUPPORTED}",
-            f"pip install 'transformers{eras.SUPPORTED}'",
+            f"{version} is outside the supported range {compat.SUPPORTED}",
+            f"pip install 'transformers{compat.SUPPORTED}'",
         )
-    return Check("transformers", True, f"{version} (supported: {eras.SUPPORTED})")
+    return Check("transformers", True, f"{version} (supported: {compat.SUPPORTED})")
 
 
 def check_era() -> Check:
