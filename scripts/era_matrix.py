@@ -2,9 +2,10 @@
 
     python scripts/era_matrix.py [--cache .era-cache] [--only 4.46.3,...]
 
-Each version goes into its own folder with ``pip install --target`` (reused when present) and the
-suite runs with that folder first on PYTHONPATH, so the main environment is never touched.
-The installed transformers covers the newest era (counter-layers) in the main suite.
+Each era adapter names the release it is tested with (``Adapter.test_version``), so a new era file
+joins the matrix by itself. Each version goes into its own folder with ``pip install --target``
+(reused when present) and the suite runs with that folder first on PYTHONPATH, so the main
+environment is never touched. The era of the installed transformers is the main suite's.
 """
 
 from __future__ import annotations
@@ -16,13 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ERA_VERSIONS = {
-    "slice-write": "4.42.4",
-    "index-copy": "4.46.3",
-    "helper-functions": "4.53.3",
-    "eager-layers": "4.55.4",
-    "lazy-layers": "4.57.6",
-}
+sys.path.insert(0, str(ROOT))
 SUITE = [
     "tests/test_equivalence.py",
     "tests/test_properties.py",
@@ -32,7 +27,19 @@ SUITE = [
     "tests/test_xla_overflow.py",
     "tests/test_xla_spmd.py",
     "tests/test_spmd_unit.py",
+    "tests/test_compat.py",
 ]
+
+
+def era_versions() -> dict[str, str]:
+    """era -> the release its adapter is tested with, oldest first, less the installed one's era."""
+    import importlib.metadata
+
+    from xla_cache_patch import compat
+
+    installed = importlib.metadata.version("transformers")
+    eras = sorted(compat.adapters(), key=lambda a: compat.parse_version(a.test_version))
+    return {a.name: a.test_version for a in eras if not a.covers(installed)}
 
 
 def install(version: str, cache: Path) -> Path:
@@ -63,7 +70,7 @@ def main() -> int:
     args = ap.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     results: list[tuple[str, str, int]] = []
-    for era, version in ERA_VERSIONS.items():
+    for era, version in era_versions().items():
         if wanted and version not in wanted:
             continue
         print(f"=== {era}: transformers {version}", flush=True)

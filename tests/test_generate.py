@@ -132,7 +132,7 @@ def test_unsupported_calls_fall_back_and_match() -> None:
         "streamer": "streamer",
         "repetition_penalty": "repetition_penalty",
         "cpu_model": "not on an XLA device",
-        "dynamic_cache": "no static cache",
+        "dynamic_cache": "cache_implementation='dynamic'",
     }
     for name, reason in expected.items():
         case = result["options"][name]

@@ -165,7 +165,7 @@ def test_inherited_target_is_deleted_again():
     module.Child = Child
     entry = integrations.resolve(module, "Child.update", impl=lambda mode, opts, wrapped, self, *a: "ours")
     wrapper, holder = integrations.wrap(entry, registry.CACHE.call(entry))
-    setattr(Child, "update", wrapper)
+    Child.update = wrapper
     holder.slot = registry._Slot("inplace")
     assert Child().update(1, 2) == "ours"
     registry._restore([registry._Installed(entry, wrapper, holder, placed=True)])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-__all__ = ["CompileCounter", "count_compiles"]
+__all__ = ["CompileCounter", "compiles", "count_compiles", "executions"]
 
 #: torch_xla's metrics of graph executions: one device, and SPMD (a graph run on every device).
 EXECUTE_METRICS = ("ExecuteTime", "ExecuteReplicatedTime")
@@ -37,17 +37,28 @@ def _metrics_module() -> Any:
     return met
 
 
+def totals(name: str) -> tuple[int, int]:
+    """(samples, accumulator) of one torch_xla metric; (0, 0) before its first sample."""
+    data = _metrics_module().metric_data(name)  # (count, accumulator, samples), or None
+    return (0, 0) if data is None else (int(data[0]), int(data[1]))
+
+
+def compiles() -> int:
+    """Graphs compiled by this process so far (no wait)."""
+    return totals("CompileTime")[0]
+
+
+def executions() -> int:
+    """Graphs run so far, on one device or under SPMD (no wait: launched ones may not be counted yet)."""
+    return sum(totals(name)[0] for name in EXECUTE_METRICS)
+
+
 def _snapshot() -> _Snapshot:
-    met = _metrics_module()
     # Graphs run asynchronously and ExecuteTime is recorded when one finishes: wait for the launched
     # ones (this compiles and launches nothing new) so that each execution lands in its own block.
     import torch_xla.core.xla_model as xm
 
     xm.wait_device_ops()
-
-    def totals(name: str) -> tuple[int, int]:
-        data = met.metric_data(name)  # (count, accumulator, samples), or None before the first sample
-        return (0, 0) if data is None else (int(data[0]), int(data[1]))
 
     compiles, _ = totals("CompileTime")
     # Accumulators in nanoseconds, summed over the one-device and the SPMD metric.

@@ -137,14 +137,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
 def header_line() -> str:
     """One line for the report header, from package metadata only (no torch, no transformers)."""
-    from importlib import metadata
-
     from xla_cache_patch import __version__, compat
 
-    try:
-        version: str | None = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        version = None
+    version = compat.installed_version("transformers")
     if version is None:
         found = "transformers not installed"
     else:  # the era needs the adapters, which import torch: named only once transformers is loaded

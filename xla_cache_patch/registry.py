@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 import inspect
 import logging
 import sys
@@ -40,7 +39,8 @@ from xla_cache_patch.integrations.generate import GenerateIntegration
 
 log = logging.getLogger("xla_cache_patch")
 
-MODES = ("inplace", "functional")
+from xla_cache_patch.activation import MODES  # noqa: E402
+
 GENERATE_POLICIES = (True, False, "explicit")
 CACHE = CacheIntegration()
 GENERATE = GenerateIntegration()
@@ -99,10 +99,7 @@ def transformers_version() -> str | None:
     module = sys.modules.get("transformers")
     if module is not None and getattr(module, "__version__", None):
         return str(module.__version__)
-    try:
-        return importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return compat.installed_version("transformers")
 
 
 def _version_problem() -> str | None:

@@ -268,7 +268,7 @@ FALLBACK_OPTIONS: dict[str, dict[str, Any]] = {
     "streamer": {"streamer": Collector()},
     "repetition_penalty": {"repetition_penalty": 1.5},
     "cpu_model": {},
-    "dynamic_cache": {"cache_implementation": None},
+    "dynamic_cache": {"cache_implementation": "dynamic"},
 }
 
 
@@ -323,7 +323,11 @@ def case_function_form(args: argparse.Namespace) -> dict[str, Any]:
 
 def case_user_cache(args: argparse.Namespace) -> dict[str, Any]:
     """An empty StaticCache passed as past_key_values, against the same on CPU."""
-    from xla_cache_patch.fastgen_loop import new_static_cache
+    from xla_cache_patch import compat
+
+    def new_static_cache(model: Any, batch: int, length: int, device: Any) -> Any:
+        make = compat.current().make_static_cache
+        return make(model.config, length, batch_size=batch, device=device, dtype=torch.float32)
 
     model = build(args.model)
     ids, mask = prompts(args.batch)

@@ -174,6 +174,16 @@ def _low(versions: str) -> Version:
     return min(lows) if lows else Version("0")
 
 
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution, from its metadata (imports nothing)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def parse_version(version: str) -> Version | None:
     try:
         return Version(version)

@@ -21,18 +21,12 @@ from typing import Any
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
-import torch_xla.debug.metrics as met
 from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
 
-from xla_cache_patch.metrics import EXECUTE_METRICS
+from xla_cache_patch.metrics import executions as _executions
 
 _X = torch_xla._XLAC
 _UINT64_MAX = 18446744073709551615
-
-
-def _executions() -> int:
-    """Graphs run so far, on one device or under SPMD."""
-    return sum(int(data[0]) for name in EXECUTE_METRICS if (data := met.metric_data(name)))
 
 
 def cache_tensors(cache: Any) -> list[torch.Tensor]:

@@ -120,7 +120,8 @@ def wrap(entry: Entry, call: Callable[..., Any]) -> tuple[Callable[..., Any], Ho
             slot = holder.slot
             if slot is None:
                 return original(self, *args, **kwargs)
-            return call(slot, original.__get__(self, type(self)), self, args, kwargs)
+            # partial, not original.__get__: torch.compile traces a partial, it breaks the graph on __get__
+            return call(slot, functools.partial(original, self), self, args, kwargs)
 
     else:
 

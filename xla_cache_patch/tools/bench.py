@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from xla_cache_patch.compat import installed_version
 from xla_cache_patch.tools.bench_worker import VARIANTS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
@@ -177,23 +178,16 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, stream: TextIO | None = 
     return rows
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """Host facts, merged with what the first successful worker saw (device count, era)."""
     env: dict[str, Any] = {
-        "python": platform.python_version(),
+        "python": platform.pythoninstalled_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "xla_cache_patch": _version("xla-cache-patch"),
-        "torch": _version("torch"),
-        "torch_xla": _version("torch_xla"),
-        "transformers": _version("transformers"),
+        "xla_cache_patch": installed_version("xla-cache-patch"),
+        "torch": installed_version("torch"),
+        "torch_xla": installed_version("torch_xla"),
+        "transformers": installed_version("transformers"),
         "pjrt_device": worker_env(args.spmd)["PJRT_DEVICE"],
         "spmd": args.spmd,
         "stock_generate_cap": args.stock_generate_cap,

@@ -17,27 +17,15 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
-from xla_cache_patch import compat
+from xla_cache_patch import compat, metrics
 from xla_cache_patch.metrics import count_compiles
 from xla_cache_patch.tools import tiny
 
 VARIANTS = ("generate-stock", "generate-patched", "loop-stock", "loop-inplace", "loop-functional")
 PATCH_MODE = {"generate-patched": "inplace", "loop-inplace": "inplace", "loop-functional": "functional"}
 WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
-
-
-def _metric(met: Any, name: str, index: int) -> float:
-    data = met.metric_data(name)
-    return data[index] if data else 0
-
-
-def _compile_counter() -> Callable[[], int]:
-    import torch_xla.debug.metrics as met
-
-    return lambda: int(_metric(met, "CompileTime", 0))
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -80,7 +68,7 @@ def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> t
         if on_xla:
             import torch_xla
 
-            sync, compiles = torch_xla.sync, _compile_counter()
+            sync, compiles = torch_xla.sync, metrics.compiles
         result = tiny.decode_loop(model, ids, new_tokens, sync=sync, compiles=compiles)
         return result.tokens, result.step_compiles, result.cache
     device = next(model.parameters()).device

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.metadata
 import json
 import os
 import site
@@ -42,10 +41,9 @@ class Check:
 
 def version_of(dist: str) -> str | None:
     """Installed version of a distribution, without importing it (tests monkeypatch this)."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    from xla_cache_patch.compat import installed_version
+
+    return installed_version(dist)
 
 
 def _major_minor(version: str) -> tuple[int, ...]:

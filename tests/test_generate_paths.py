@@ -1,0 +1,115 @@
+"""Which path ``model.generate`` takes on XLA, and that every path gives transformers' tokens.
+
+Each scenario runs ``tests/xla_scripts/gen_paths.py`` in a fresh process (see ``tests/xla_run.py``), on the
+installed transformers and on 4.46.3 from ``.era-cache`` (skipped, with the reason, when absent). The
+reference is transformers' own generate on CPU eager, computed in that process before the patch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.xla_run import run_script
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
+ERAS = [pytest.param(None, id="installed"), pytest.param(ERA_4_46, id="4.46.3")]
+MAX_FAST_PATH_COMPILES = 3
+
+pytestmark = [pytest.mark.xla, pytest.mark.slow]
+
+
+def run_paths(case: str, *args: str, era: Path | None = None, timeout: int = 600) -> dict[str, Any]:
+    pytest.importorskip("torch_xla")
+    if era is not None and not era.is_dir():
+        pytest.skip(f"transformers {era.name} not installed in {era.parent}")
+    result = run_script("gen_paths.py", case, *args, era=era, timeout=timeout)
+    assert result["transformers"] == (transformers.__version__ if era is None else era.name)
+    return result
+
+
+def one_warning(result: dict[str, Any], word: str) -> None:
+    """Two declined calls in one process: a single WARNING record, naming the reason."""
+    found = result["warnings"]
+    assert len(found) == 1, found
+    assert found[0]["level"] == "WARNING" and found[0]["logger"].startswith("xla_cache_patch"), found
+    assert word in found[0]["message"], found
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_default_cache_takes_fast_path(era: Path | None) -> None:
+    """No cache_implementation, eos/pad from the generation config: the call users make."""
+    result = run_paths("default-cache", "--batch", "3", "--new-tokens", "16", era=era)
+    assert result["took"] == ["fast"], result["declined"]
+    assert result["compiles"] <= MAX_FAST_PATH_COMPILES, result["compiles"]
+    assert result["match"], (result["got"], result["ref"])
+    assert result["stopped_rows"] == [0]  # the eos stops row 0 early, the others run to the end
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_explicit_optout_falls_back_with_one_warning(era: Path | None) -> None:
+    result = run_paths("explicit-optout", "--batch", "2", "--new-tokens", "4", era=era)
+    assert result["applied"]
+    assert "fast" not in result["took"], result["took"]
+    assert result["match"] == [True, True]
+    one_warning(result, "cache_implementation")
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_declined_call_warns_once(era: Path | None) -> None:
+    result = run_paths("fallback-warns", "--new-tokens", "3", era=era)
+    assert result["took"] == ["fallback", "fallback"]
+    assert result["match"] == [True, True]
+    one_warning(result, "num_beams")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("case", ["continuation", "continuation-returned"])
+@pytest.mark.parametrize("era", ERAS)
+def test_continuation_through_a_filled_cache(era: Path | None, case: str, batch: int) -> None:
+    """generate, then generate again on its output plus 3 tokens through the same StaticCache.
+
+    Either transformers' tokens, or an error telling the user to ``cache.reset()``. transformers itself
+    cannot continue through the cache ``cache_implementation="static"`` returns (sized for the first call:
+    an IndexError on 5.x, a mask size RuntimeError on 4.46): then the same exception type, or the tokens
+    of generating from the longer prompt afresh (what transformers' continuation gives when the cache
+    has room, checked by ``cpu_continuation_is_fresh`` on the passed-cache variant) will do.
+    """
+    result = run_paths(case, "--batch", str(batch), "--new-tokens", "6", "--continue-tokens", "4", era=era)
+    assert result["first_match"]
+    error, cpu_error = result["error"], result["cpu_error"]
+    if error is not None and "cache.reset()" in error["message"]:
+        return
+    if cpu_error is not None:
+        raised_alike = error is not None and error["type"] == cpu_error["type"]
+        assert raised_alike or result["xla_continuation_is_fresh"], (error, cpu_error, result["got"])
+        return
+    assert result["cpu_continuation_is_fresh"]  # the reference is a real continuation
+    assert result["outcome"] == "match", (error, result["got"], result["ref"])
+
+
+@pytest.mark.parametrize("model", ["gpt-neo", "mixtral"])
+def test_static_cache_refused_as_transformers_does_4_46(model: str) -> None:
+    """A model with ``_supports_static_cache = False``: the patch must not take the call over."""
+    result = run_paths("refused", "--model", model, "--new-tokens", "4", era=ERA_4_46)
+    stock = result["stock_error"]
+    if stock is None:  # transformers generated: then so must the patched call, with its tokens
+        assert result["error"] is None and result["match"], (result["error"], result["got"], result["ref"])
+        return
+    got = result["error"]
+    assert got is not None, f"transformers raises {stock}, the patched call gave {result['got']}"
+    assert (got["type"], got["message"]) == (stock["type"], stock["message"])
+
+
+def test_no_cache_requested_on_unsupported_model_4_46() -> None:
+    result = run_paths(
+        "no-cache-requested-unsupported", "--model", "gpt-neo", "--new-tokens", "4", era=ERA_4_46
+    )
+    assert result["error"] is None
+    assert "fast" not in result["took"], result["took"]
+    assert result["match"]

@@ -1,0 +1,513 @@
+"""``generate`` call paths on XLA:CPU: the default cache, opting out, warnings, continuations, refusals.
+
+One scenario per process (every compiled graph costs XLA:CPU memory maps; stock generate on XLA compiles a
+graph per step, so its steps stay few). The CPU reference is transformers' own generate on CPU eager,
+computed in the same process before the patch is applied; then the model moves to the XLA device.
+Prints one ``RESULT {json}`` line.
+
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py default-cache --batch 3
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py explicit-optout
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py fallback-warns
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py continuation --batch 2
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py continuation-returned --batch 1
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py refused --model gpt-neo
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py no-cache-requested-unsupported
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+import transformers
+
+import xla_cache_patch
+
+try:
+    from xla_cache_patch.tools import tiny
+except ImportError:  # before the package refactor
+    from xla_cache_patch import tiny
+
+VOCAB = 256
+PAD = VOCAB - 1
+CACHE_LEN = 64
+
+
+class DeclinedFastPath(Exception):
+    """Raised from the log handler when a call that must take the fast path is declined."""
+
+
+FALLBACK_PREFIX = "generate falls back"
+
+
+class Records(logging.Handler):
+    """Every record of the ``xla_cache_patch`` loggers: the fast path's debug lines and the warnings.
+
+    With ``abort_on_fallback`` set, the fallback's log line raises :class:`DeclinedFastPath` before
+    transformers' generate runs: stock generate on XLA compiles a graph per step (55 for 16 tokens), which
+    is near what XLA:CPU survives in one process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.abort_on_fallback = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if self.abort_on_fallback and record.getMessage().startswith(FALLBACK_PREFIX):
+            raise DeclinedFastPath(record.getMessage())
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def took(self) -> list[str]:
+        lines = [r.getMessage() for r in self.records if r.name == "xla_cache_patch.fastgen"]
+        return [
+            "fast" if line.startswith("fast path:") else "fallback"
+            for line in lines
+            if line.startswith(("fast path:", FALLBACK_PREFIX))
+        ]
+
+    def warnings(self) -> list[dict[str, Any]]:
+        return [
+            {"logger": r.name, "level": r.levelname, "message": r.getMessage()}
+            for r in self.records
+            if r.levelno >= logging.WARNING
+        ]
+
+
+RECORDS = Records()
+_logger = logging.getLogger("xla_cache_patch")
+_logger.addHandler(RECORDS)
+_logger.setLevel(logging.DEBUG)
+
+
+def prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of lengths 8, 5, 3 (batch 1: 8 tokens, no padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [8, 5, 3, 6][:batch]
+    ids = torch.full((batch, max(lengths)), PAD, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, -length:] = torch.randint(3, PAD, (length,), generator=gen)
+        mask[row, -length:] = 1
+    return ids, mask
+
+
+def more_tokens(batch: int, count: int = 3, seed: int = 5) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, PAD, (batch, count), generator=gen)
+
+
+def compiles() -> int:
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def timed_call(fn: Callable[[], Any]) -> tuple[Any, int]:
+    before = compiles()
+    out = fn()
+    torch_xla.sync()
+    return out, compiles() - before
+
+
+def on_xla(model: torch.nn.Module) -> torch.nn.Module:
+    model.__dict__.pop("_cache", None)  # transformers < 5.15 keeps the CPU static cache on the model
+    model._modules.pop("_cache", None)
+    return model.to(torch_xla.device())
+
+
+def sequences(out: Any) -> torch.Tensor:
+    return (out if isinstance(out, torch.Tensor) else out.sequences).cpu()
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache a ``return_dict_in_generate`` output carries (5.x names the field ``cache``)."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise SystemExit(f"{type(out).__name__} carries no cache")
+
+
+def pick_eos(ref: torch.Tensor, prompt_len: int) -> int:
+    """A token row 0 produces early that no other row produces and row 0 has not produced before."""
+    new = ref[:, prompt_len:]
+    for step in range(1, new.shape[1] - 2):
+        token = int(new[0, step])
+        if token not in new[1:].flatten().tolist() and token not in new[0, :step].tolist():
+            return token
+    raise SystemExit("no eos candidate: change the prompt seed")
+
+
+def static_cache(model: torch.nn.Module, batch: int, device: Any) -> Any:
+    """transformers' own StaticCache, keywords only (4.x wants batch, device and dtype up front)."""
+    params = inspect.signature(transformers.StaticCache.__init__).parameters
+    if "batch_size" in params:
+        return transformers.StaticCache(
+            config=model.config, batch_size=batch, max_cache_len=CACHE_LEN, device=device, dtype=torch.float32
+        )
+    return transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+
+
+def error(exc: BaseException) -> dict[str, str]:
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return {"type": type(exc).__name__, "message": str(exc), "where": where}
+
+
+def attempt(fn: Callable[[], Any]) -> tuple[Any, dict[str, str] | None]:
+    try:
+        return fn(), None
+    except Exception as exc:
+        return None, error(exc)
+
+
+def python_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [f"{w.category.__name__}: {w.message}" for w in caught if "xla_cache_patch" in str(w.filename)]
+
+
+def gpt_neo() -> torch.nn.Module:
+    config = transformers.GPTNeoConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=128,
+        window_size=16,
+    )
+    torch.manual_seed(0)
+    return transformers.GPTNeoForCausalLM(config).eval()
+
+
+def mixtral() -> torch.nn.Module:
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": lambda: tiny.tiny_model(seed=0),
+    "gpt-neo": gpt_neo,
+    "mixtral": mixtral,
+}
+
+
+def case_default_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """The call users make: no cache_implementation, eos and pad in the generation config."""
+    model = MODELS[args.model]()
+    ids, mask = prompts(args.batch)
+    free = model.generate(
+        ids, attention_mask=mask, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=PAD
+    )
+    eos = pick_eos(free, ids.shape[1])
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = PAD
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    RECORDS.clear()
+    RECORDS.abort_on_fallback = not args.allow_fallback
+    (out, declined), graphs = timed_call(
+        lambda: attempt(
+            lambda: model.generate(
+                ids.to(device), attention_mask=mask.to(device), max_new_tokens=args.new_tokens
+            )
+        )
+    )
+    RECORDS.abort_on_fallback = False
+    if declined is not None and declined["type"] != DeclinedFastPath.__name__:
+        raise SystemExit(f"generate raised: {declined}")
+    got = None if out is None else sequences(out)
+    return {
+        "took": RECORDS.took(),
+        "declined": None if declined is None else declined["message"],
+        "compiles": graphs,
+        "match": got is not None and torch.equal(got, ref),
+        "eos": eos,
+        "stopped_rows": [row for row in range(ids.shape[0]) if eos in ref[row, ids.shape[1] :].tolist()],
+        "warnings": RECORDS.warnings(),
+        "got": None if got is None else got.tolist(),
+        "ref": ref.tolist(),
+    }
+
+
+def _two_fallback_calls(
+    model: torch.nn.Module, ids: torch.Tensor, kwargs: dict[str, Any], apply_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    ref = model.generate(ids, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        applied = xla_cache_patch.apply(**apply_kwargs)
+    model = on_xla(model)
+    device = torch_xla.device()
+    x_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    RECORDS.clear()
+    outs, graphs = [], []
+    with warnings.catch_warnings(record=True) as caught_calls:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out, count = timed_call(lambda: model.generate(ids.to(device), **x_kwargs))
+            outs.append(sequences(out))
+            graphs.append(count)
+    return {
+        "applied": applied,
+        "apply_warnings": python_warnings(caught),
+        "took": RECORDS.took(),
+        "compiles": graphs,
+        "match": [torch.equal(out, ref) for out in outs],
+        "warnings": RECORDS.warnings(),
+        "python_warnings": python_warnings(caught_calls),
+    }
+
+
+def case_explicit_optout(args: argparse.Namespace) -> dict[str, Any]:
+    """``apply(generate="explicit")``: calls without cache_implementation run transformers' generate."""
+    model = MODELS[args.model]()
+    ids, mask = prompts(args.batch)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    kwargs = dict(attention_mask=mask, max_new_tokens=args.new_tokens)
+    return _two_fallback_calls(model, ids, kwargs, {"generate": "explicit"})
+
+
+def case_fallback_warns(args: argparse.Namespace) -> dict[str, Any]:
+    """A call the fast path cannot take (beam search): transformers' generate, one warning per process."""
+    model = MODELS[args.model]()
+    ids, _ = prompts(1)
+    kwargs = dict(
+        num_beams=2,
+        cache_implementation="static",
+        max_new_tokens=args.new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=PAD,
+    )
+    return _two_fallback_calls(model, ids, kwargs, {})
+
+
+def _continue(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    first: dict[str, Any],
+    passed_cache: Any | None,
+    args: argparse.Namespace,
+    count: Callable[[Callable[[], Any]], tuple[Any, int]],
+) -> dict[str, Any]:
+    """generate, then generate again on its output plus three user tokens, reusing the cache."""
+    device = ids.device
+    kwargs: dict[str, Any] = dict(eos_token_id=None, pad_token_id=PAD)
+    call: dict[str, Any] = dict(kwargs, **first, max_new_tokens=args.new_tokens, attention_mask=mask)
+    if passed_cache is not None:
+        call["past_key_values"] = passed_cache
+    (out, graphs_first) = count(lambda: model.generate(ids, **call))
+    took_first = RECORDS.took()
+    cache = passed_cache if passed_cache is not None else returned_cache(out)
+    seq = sequences(out)
+    ids2 = torch.cat([seq, more_tokens(ids.shape[0])], dim=1)
+    mask2 = torch.cat(
+        [mask.cpu(), torch.ones(ids.shape[0], ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1
+    )
+    RECORDS.clear()
+    (second, graphs_second) = count(
+        lambda: attempt(
+            lambda: model.generate(
+                ids2.to(device),
+                attention_mask=mask2.to(device),
+                past_key_values=cache,
+                max_new_tokens=args.continue_tokens,
+                **kwargs,
+            )
+        )
+    )
+    out2, err = second
+    return {
+        "ids2": ids2,
+        "mask2": mask2,
+        "first": seq,
+        "second": None if out2 is None else sequences(out2),
+        "error": err,
+        "took_first": took_first,
+        "took_second": RECORDS.took(),
+        "compiles_first": graphs_first,
+        "compiles_second": graphs_second,
+        "cache_type": type(cache).__name__,
+    }
+
+
+def _continuation(args: argparse.Namespace, returned: bool) -> dict[str, Any]:
+    model = MODELS[args.model]()
+    ids, mask = prompts(args.batch)
+    first = dict(return_dict_in_generate=True, cache_implementation="static") if returned else {}
+
+    def cpu_count(fn: Callable[[], Any]) -> tuple[Any, int]:
+        return fn(), 0
+
+    ref = _continue(
+        model, ids, mask, first, None if returned else static_cache(model, args.batch, "cpu"), args, cpu_count
+    )
+    # transformers' continuation through the cache should equal generating from the longer prompt afresh
+    fresh = sequences(
+        model.generate(
+            ref["ids2"],
+            attention_mask=ref["mask2"],
+            max_new_tokens=args.continue_tokens,
+            eos_token_id=None,
+            pad_token_id=PAD,
+        )
+    )
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    RECORDS.clear()
+    user_cache = None if returned else static_cache(model, args.batch, device)
+    got = _continue(model, ids.to(device), mask.to(device), first, user_cache, args, timed_call)
+
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        return a is not None and b is not None and torch.equal(a, b)
+
+    if got["error"] is not None:
+        outcome = "raised"
+    elif ref["error"] is not None:
+        outcome = "cpu-raised"
+    else:
+        outcome = "match" if same(got["second"], ref["second"]) else "mismatch"
+    return {
+        "outcome": outcome,
+        "first_match": same(got["first"], ref["first"]),
+        "cpu_continuation_is_fresh": same(ref["second"], fresh),
+        "xla_continuation_is_fresh": same(got["second"], fresh),
+        "error": got["error"],
+        "cpu_error": ref["error"],
+        "took_first": got["took_first"],
+        "took_second": got["took_second"],
+        "compiles_first": got["compiles_first"],
+        "compiles_second": got["compiles_second"],
+        "cache_type": got["cache_type"],
+        "cpu_cache_type": ref["cache_type"],
+        "warnings": RECORDS.warnings(),
+        "got": None if got["second"] is None else got["second"].tolist(),
+        "ref": None if ref["second"] is None else ref["second"].tolist(),
+    }
+
+
+def case_continuation(args: argparse.Namespace) -> dict[str, Any]:
+    """The user's StaticCache on the XLA device, then a continuation through the filled cache."""
+    return _continuation(args, returned=False)
+
+
+def case_continuation_returned(args: argparse.Namespace) -> dict[str, Any]:
+    """The static cache generate returns (return_dict_in_generate), then a continuation through it."""
+    return _continuation(args, returned=True)
+
+
+def case_refused(args: argparse.Namespace) -> dict[str, Any]:
+    """cache_implementation="static" for a model without static-cache support: what transformers does."""
+    model = MODELS[args.model]()
+    ids, _ = prompts(1)
+    kwargs = dict(max_new_tokens=args.new_tokens, cache_implementation="static", eos_token_id=None)
+    ref, stock_error = attempt(lambda: sequences(model.generate(ids, **kwargs)))
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    RECORDS.clear()
+    out, got_error = attempt(lambda: sequences(model.generate(ids.to(torch_xla.device()), **kwargs)))
+    return {
+        "supports_static_cache": getattr(model, "_supports_static_cache", None),
+        "stock_error": stock_error,
+        "error": got_error,
+        "match": out is not None and ref is not None and torch.equal(out, ref),
+        "took": RECORDS.took(),
+        "warnings": RECORDS.warnings(),
+        "got": None if out is None else out.tolist(),
+        "ref": None if ref is None else ref.tolist(),
+    }
+
+
+def case_no_cache_requested_unsupported(args: argparse.Namespace) -> dict[str, Any]:
+    """A model without static-cache support, no cache asked for: transformers' generate as usual."""
+    model = MODELS[args.model]()
+    ids, _ = prompts(1)
+    kwargs = dict(max_new_tokens=args.new_tokens, eos_token_id=None)
+    ref = sequences(model.generate(ids, **kwargs))
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    RECORDS.clear()
+    out, err = attempt(lambda: sequences(model.generate(ids.to(torch_xla.device()), **kwargs)))
+    return {
+        "error": err,
+        "match": out is not None and torch.equal(out, ref),
+        "took": RECORDS.took(),
+        "warnings": RECORDS.warnings(),
+    }
+
+
+CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "default-cache": case_default_cache,
+    "explicit-optout": case_explicit_optout,
+    "fallback-warns": case_fallback_warns,
+    "continuation": case_continuation,
+    "continuation-returned": case_continuation_returned,
+    "refused": case_refused,
+    "no-cache-requested-unsupported": case_no_cache_requested_unsupported,
+}
+
+# what each case runs unless told otherwise: the stock-on-XLA steps stay few
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "default-cache": {"new_tokens": 16, "batch": 3},
+    "explicit-optout": {"new_tokens": 4, "batch": 2},
+    "fallback-warns": {"new_tokens": 3},
+    "continuation": {"new_tokens": 6},
+    "continuation-returned": {"new_tokens": 6},
+    "refused": {"new_tokens": 4, "model": "gpt-neo"},
+    "no-cache-requested-unsupported": {"new_tokens": 4, "model": "gpt-neo"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("case", choices=sorted(CASES))
+    ap.add_argument("--model", choices=sorted(MODELS), default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="default-cache: let a declined call run transformers' generate on XLA (a graph per step)",
+    )
+    ap.add_argument("--continue-tokens", type=int, default=4, help="max_new_tokens of a continuation")
+    args = ap.parse_args()
+    defaults = {"model": "llama", "batch": 1, **DEFAULTS[args.case]}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    result = CASES[args.case](args)
+    result.update(case=args.case, model=args.model, transformers=transformers.__version__)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
