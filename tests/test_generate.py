@@ -222,3 +222,24 @@ def test_function_form_falls_back_to_the_original_generate() -> None:
     ref = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None)
     out = xla_cache_patch.generate(model, ids, max_new_tokens=3, do_sample=False, eos_token_id=None)
     assert torch.equal(out, ref)
+
+
+def test_replay_falls_back_to_tracing_when_a_private_api_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch_xla that renamed a private function traces each step instead of failing mid-generate."""
+    pytest.importorskip("torch_xla")
+    import types
+
+    from xla_cache_patch.fastgen import replay
+
+    replay.missing_private_api.cache_clear()
+    assert replay.missing_private_api() == ()
+    assert replay.StepReplay(list, tuple, torch.device("cpu"))._enabled
+    partial = types.SimpleNamespace(**{n: getattr(replay._X, n) for n in replay.PRIVATE_API[1:]})
+    monkeypatch.setattr(replay, "_X", partial)
+    replay.missing_private_api.cache_clear()
+    try:
+        assert replay.missing_private_api() == (replay.PRIVATE_API[0],)
+        assert not replay.StepReplay(list, tuple, torch.device("cpu"))._enabled
+    finally:
+        monkeypatch.undo()
+        replay.missing_private_api.cache_clear()

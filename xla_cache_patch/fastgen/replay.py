@@ -14,6 +14,8 @@ Python int; those models keep tracing). Otherwise every step is traced as usual,
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +23,43 @@ from typing import Any
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
-from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
 
 from xla_cache_patch.metrics import executions as _executions
 
+log = logging.getLogger("xla_cache_patch.fastgen")
 _X = torch_xla._XLAC
+#: The private torch_xla functions a replay calls (the dynamo bridge's own route). They are probed once:
+#: a torch_xla that renamed one traces every step instead (same graphs, more host time), never fails.
+PRIVATE_API = (
+    "_xla_get_tensor_id",
+    "_check_tensor_need_materialization",
+    "_get_tensors_xla_device_data_node",
+    "_set_buffer_donation",
+    "_get_graph_hash",
+    "_xla_warm_up_cache",
+    "_clear_pending_irs",
+    "_get_seed_info_id",
+    "_get_base_seed_as_tensor",
+    "_xla_get_rng_seed",
+    "_run_cached_graph",
+    "_replace_xla_tensor",
+)
+
+
+@functools.cache
+def missing_private_api() -> tuple[str, ...]:
+    """The private torch_xla names a replay needs and this torch_xla lacks (empty: replay available)."""
+    missing = [name for name in PRIVATE_API if not callable(getattr(_X, name, None))]
+    try:
+        from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config  # noqa: F401
+    except ImportError:
+        missing.append("torch_xla.utils.buffer_donor_context.alias_with_buffer_donor_config")
+    if missing:
+        version = torch_xla.__version__
+        log.debug("decode steps are traced, not replayed: torch_xla %s lacks %s", version, missing)
+    return tuple(missing)
+
+
 _UINT64_MAX = 18446744073709551615
 
 
@@ -139,7 +173,7 @@ class StepReplay:
         self._state = state
         self._numbers = numbers
         self._device = str(device)
-        self._enabled = enabled
+        self._enabled = enabled and not missing_private_api()
         self._last: _Trace | None = None
         self._program: _Program | None = None
         self.replayed = 0
@@ -174,6 +208,8 @@ class StepReplay:
         sources = tuple(input_index.get(tensor_id) for tensor_id in ids)
         for slot in _donated(sources, changed):
             _X._set_buffer_donation(values[slot], True)
+        from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
+
         with alias_with_buffer_donor_config(True):  # the KV cache stays aliased, as in a lazy sync
             signature = _Signature(_X._get_graph_hash(roots), sources, changed, len(aux))
             _X._xla_warm_up_cache(roots, [])  # compile (or find) the graph under the hash we run

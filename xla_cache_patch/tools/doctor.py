@@ -24,8 +24,9 @@ PROBE_TOKENS = 8
 PROBE_TIMEOUT_S = 600.0
 DEVICES_SCRIPT = (
     "import json, torch_xla, torch_xla.runtime as xr; "
+    "from xla_cache_patch.fastgen.replay import missing_private_api; "
     "print(json.dumps({'type': xr.device_type(), 'count': xr.global_runtime_device_count(), "
-    "'device': str(torch_xla.device())}))"
+    "'device': str(torch_xla.device()), 'replay_missing': list(missing_private_api())}))"
 )
 
 
@@ -193,6 +194,12 @@ def check_devices(timeout: float = 300.0) -> Check:
     detail = f"{info['count']} x {info['type']} (PJRT_DEVICE={env['PJRT_DEVICE']})"
     if not configured:
         detail += "; PJRT_DEVICE is not set, probed with CPU: export PJRT_DEVICE=TPU|CUDA|CPU"
+    missing = info.get("replay_missing") or []
+    detail += (
+        "; generate's decode step: replayed (private torch_xla API found)"
+        if not missing
+        else f"; generate's decode step: traced every step (this torch_xla lacks {', '.join(missing)})"
+    )
     return Check("XLA devices", True, detail)
 
 
