@@ -132,6 +132,16 @@ def test_table_is_markdown_and_says_what_was_capped() -> None:
     assert "capped at 16" in bench.table_notes(rows)
 
 
+def test_capped_requests_that_ran_as_one_job_are_one_row() -> None:
+    rows = [
+        _row("generate-stock", 8),
+        _row("generate-stock", 16, requested_new_tokens=32, capped=True),
+        _row("generate-stock", 16, requested_new_tokens=128, capped=True),
+    ]
+    lines = bench.format_table(rows).splitlines()[2:]
+    assert [line.split("|")[2].strip() for line in lines] == ["8", "16 (capped from 32, 128)"]
+
+
 def test_plot_without_matplotlib_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

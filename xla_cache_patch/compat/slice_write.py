@@ -1,7 +1,8 @@
 """transformers 4.41-4.42: ``StaticCache.update`` writes with a slice, ``k[:, :, pos] = x`` (the seed's case).
 
 Buffers are lists (``cache.key_cache[layer_idx]``); 4.42 adds ``SlidingWindowCache`` and ``HybridCache``.
-A slice assignment casts the states to the cache dtype, so the replacement casts too.
+The write indexes with a position tensor (``index_put``), which raises on a dtype mismatch: so does
+the replacement.
 """
 
 from __future__ import annotations
@@ -47,6 +48,5 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_static_cache,
     cache_buffers=cache_buffers,
-    casts_states=lambda func: True,
     notes="HybridCache.get_seq_length returns None in this era: left to transformers",
 )

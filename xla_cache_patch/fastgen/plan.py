@@ -212,7 +212,7 @@ def _require(condition: bool, reason: str, key: str | None = None, fix: str = _D
         raise Fallback(reason, key, fix)
 
 
-def _check_model(model: Any, policy: bool | str) -> ForwardSpec:
+def _check_model(model: Any) -> ForwardSpec:
     param = next(iter(model.parameters()), None)
     if param is None or param.device.type != "xla":
         where = None if param is None else param.device
@@ -466,7 +466,7 @@ def plan_request(
     model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options, policy: bool | str = True
 ) -> Plan:
     """Build the Plan, or raise Fallback with the reason this call must use transformers' generate."""
-    spec = _check_model(model, policy)
+    spec = _check_model(model)
     kwargs = dict(kwargs)
     inputs, gen_config = _split_args(args, kwargs)
     _check_mode_args(kwargs)

@@ -228,15 +228,25 @@ TABLE_COLUMNS = (
 )
 
 
+def _key(row: dict[str, Any]) -> tuple[str, int]:
+    return row["variant"], row["new_tokens"]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, ready to paste into the README."""
     sharded = any("kv_sharding" in row for row in rows)  # --spmd: where the KV buffers ended up
     columns = TABLE_COLUMNS + (("KV buffers on mesh",) if sharded else ())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    printed: set[tuple[str, int]] = set()
     for row in rows:
+        if _key(row) in printed:
+            continue  # capped requests that ran as one job: one row, naming every request
+        printed.add(_key(row))
         tokens = str(row["new_tokens"])
-        if row.get("capped"):
-            tokens = f"{row['new_tokens']} (capped from {row['requested_new_tokens']})"
+        same = (row["variant"], row["new_tokens"])
+        asked = sorted({r["requested_new_tokens"] for r in rows if r.get("capped") and _key(r) == same})
+        if asked:
+            tokens = f"{row['new_tokens']} (capped from {', '.join(map(str, asked))})"
         if "error" in row:
             cells = [row["variant"], tokens, f"error: {row['error']}"] + [""] * (len(columns) - 3)
         else:
