@@ -81,9 +81,11 @@ def main() -> int:
             "XLA_CACHE_PATCH": "0",
             "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)]),
         }
-        code = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITE], cwd=ROOT, env=env
-        ).returncode
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        code = subprocess.run([*pytest, *SUITE], cwd=ROOT, env=env).returncode
+        # every import order x every way of turning the patch on, with this era as the installed one
+        orders = [*pytest, "tests/test_import_orders.py", "-k", "installed"]
+        code = code or subprocess.run(orders, cwd=ROOT, env=env).returncode
         results.append((era, version, code))
     print("\n| era | transformers | suite |\n|---|---|---|")
     for era, version, code in results:

@@ -66,8 +66,8 @@ def report(**extra):
 
 def _build(kind: str, out: Path) -> Path:
     if os.environ.get("XLA_CACHE_PATCH_REQUIRE_HOOK_TESTS"):  # CI: these tests must run, never skip
-        import hatchling  # noqa: F401
         import editables  # noqa: F401
+        import hatchling  # noqa: F401
     pytest.importorskip("hatchling", reason="building the wheel needs hatchling (pip install -e '.[test]')")
     pytest.importorskip("editables", reason="the editable wheel needs editables (pip install -e '.[test]')")
     code = f"import sys; from hatchling.build import build_{kind}; print(build_{kind}(sys.argv[1]))"

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
 ERAS = [pytest.param(None, id="installed"), pytest.param(ERA_4_46, id="4.46.3")]
-MAX_FAST_PATH_COMPILES = 3
+MAX_FAST_PATH_COMPILES = 2  # the prefill and one decode step, on every era
 
 pytestmark = [pytest.mark.xla, pytest.mark.slow]
 

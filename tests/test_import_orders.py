@@ -180,7 +180,9 @@ def child_env(era: Era, way: str) -> dict[str, str]:
     env["XLA_CACHE_PATCH"] = "1" if way == "env" else "0"
     if way == "auto":
         del env["XLA_CACHE_PATCH"]
-    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (era.path, ROOT) if p is not None)
+    # The parent's own path stays after ours: under scripts/era_matrix.py "installed" is that era's folder.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (era.path, ROOT, *inherited) if p is not None)
     return env
 
 

@@ -295,3 +295,25 @@ def test_our_wrapper_is_known_by_identity_not_attribute():
     theirs = wrapt.FunctionWrapper(ours, lambda w, i, a, k: w(*a, **k))
     assert registry.is_ours(ours) and not registry.is_ours(theirs)
     assert integrations.find_ours(theirs) is ours
+
+
+def test_apply_in_code_wins_over_the_start_up_request() -> None:
+    """XLA_CACHE_PATCH=1 and apply(generate=False) before transformers: generate stays alone."""
+    code = textwrap.dedent("""
+        import inspect, xla_cache_patch
+        xla_cache_patch.apply(generate=False)
+        from transformers import LlamaForCausalLM
+        from transformers.generation.utils import GenerationMixin
+        st = xla_cache_patch.status()
+        assert st.applied and not st.generate, st
+        assert not xla_cache_patch.is_ours(inspect.getattr_static(GenerationMixin, "generate"))
+        print("code wins")
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "XLA_CACHE_PATCH": "1"},
+    )
+    assert proc.returncode == 0 and "code wins" in proc.stdout, proc.stderr[-2000:]

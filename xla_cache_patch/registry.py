@@ -92,6 +92,7 @@ _reasons: dict[str, str] = {}
 _eras: dict[str, str | None] = {}
 _slot: _Slot | None = None
 _request: _Request | None = None
+_explicit = False  # the standing request came from apply(): code wins over a start-up request
 
 
 def transformers_version() -> str | None:
@@ -185,6 +186,10 @@ def on_imported(module: ModuleType, mode: str, strict: bool = False, generate: b
     global _request, _slot
     integration = next((i for i in INTEGRATIONS if i.module == module.__name__), None)
     request = _Request(mode, strict, generate)
+    with _lock:
+        if _explicit and _request is not None:
+            request = _request  # apply() in the program's code asked for something else: it stands
+            mode, strict, generate = request.mode, request.strict, request.generate
     if integration is None or integration not in _wanted(generate):
         return
     with _lock:
@@ -221,7 +226,7 @@ def apply(*, mode: str = "inplace", strict: bool = False, generate: bool | str =
     ``False`` leaves ``generate`` alone. When the version is unsupported or the code has an unknown shape
     nothing is touched: a warning and False, or ``UnsupportedVersionError`` with ``strict=True``.
     """
-    global _request, _slot
+    global _request, _slot, _explicit
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if generate not in GENERATE_POLICIES:
@@ -234,7 +239,7 @@ def apply(*, mode: str = "inplace", strict: bool = False, generate: bool | str =
             unapply()
         if not generate and GENERATE.name in _installed:
             _uninstall(GENERATE)
-        _request = request
+        _request, _explicit = request, True
         if _slot is None:
             _slot = _Slot(mode, generate)
         _slot.mode, _slot.generate = mode, generate
@@ -285,9 +290,9 @@ def unapply() -> bool:
     When another library wrapped a patched attribute after us, its wrapper stays in place (removing it
     would break that library); ours inside it passes every call through until the next ``apply``.
     """
-    global _slot, _request
+    global _slot, _request, _explicit
     with _lock:
-        _request = None
+        _request, _explicit = None, False
         if not _installed:
             _slot = None
             return False
