@@ -17,6 +17,9 @@ from xla_cache_patch.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from xla_cache_patch.fastgen import generate
+    from xla_cache_patch.fastgen.plan import buckets
+    from xla_cache_patch.fastgen.warmup import warmup
     from xla_cache_patch.metrics import count_compiles
     from xla_cache_patch.registry import Status, apply, is_applied, is_ours, patched, status, unapply
 
@@ -30,6 +33,7 @@ __all__ = [
     "UnsupportedVersionError",
     "XlaCachePatchError",
     "apply",
+    "buckets",
     "count_compiles",
     "generate",
     "is_applied",
@@ -37,6 +41,7 @@ __all__ = [
     "patched",
     "status",
     "unapply",
+    "warmup",
 ]
 
 # name -> module that defines it; resolved lazily (PEP 562) so `import xla_cache_patch` stays light.
@@ -50,6 +55,8 @@ _LAZY = {
     "Status": "registry",
     "count_compiles": "metrics",
     "generate": "fastgen",
+    "warmup": "fastgen.warmup",
+    "buckets": "fastgen.plan",
 }
 
 

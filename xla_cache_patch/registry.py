@@ -13,10 +13,11 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ log = logging.getLogger("xla_cache_patch")
 from xla_cache_patch.activation import MODES  # noqa: E402
 
 GENERATE_POLICIES = (True, False, "explicit")
+COMPILE_CACHE_ENV = "XLA_CACHE_PATCH_COMPILE_CACHE"
 CACHE = CacheIntegration()
 GENERATE = GenerateIntegration()
 INTEGRATIONS: tuple[Integration, ...] = (CACHE, GENERATE)
@@ -202,6 +204,8 @@ def on_imported(module: ModuleType, mode: str, strict: bool = False, generate: b
         reason = _install(integration, module, request)
     if reason is not None:
         _report(integration, reason, request.strict)
+    elif integration is GENERATE:
+        start_compile_cache()  # XLA_CACHE_PATCH_COMPILE_CACHE with the start-up activation
 
 
 def _report(integration: Integration, reason: str, strict: bool) -> None:
@@ -217,14 +221,25 @@ def _report(integration: Integration, reason: str, strict: bool) -> None:
 # --- public API ---------------------------------------------------------------------------------
 
 
-def apply(*, mode: str = "inplace", strict: bool = False, generate: bool | str = True) -> bool:
+def apply(
+    *,
+    mode: str = "inplace",
+    strict: bool = False,
+    generate: bool | str = True,
+    prompt_buckets: Iterable[int] | None = None,
+    cache_buckets: Iterable[int] | None = None,
+    compile_cache: str | os.PathLike[str] | None = None,
+) -> bool:
     """Patch the installed transformers; True when the cache patch is in place.
 
     Idempotent: a call while applied with another mode switches the mode. ``generate=True`` wraps
     ``generate`` with the XLA fast path (a call on an XLA model that asks for no cache implementation
     uses a static cache); ``"explicit"`` takes the fast path only when a static cache is asked for;
-    ``False`` leaves ``generate`` alone. When the version is unsupported or the code has an unknown shape
-    nothing is touched: a warning and False, or ``UnsupportedVersionError`` with ``strict=True``.
+    ``False`` leaves ``generate`` alone. ``prompt_buckets`` / ``cache_buckets`` choose the sizes prompts
+    and caches are rounded up to (one set of graphs each); ``compile_cache`` (or
+    ``XLA_CACHE_PATCH_COMPILE_CACHE``) turns on torch_xla's persistent compilation cache in that folder.
+    When the version is unsupported or the code has an unknown shape nothing is touched: a warning and
+    False, or ``UnsupportedVersionError`` with ``strict=True``.
     """
     global _request, _slot, _explicit
     if mode not in MODES:
@@ -232,6 +247,11 @@ def apply(*, mode: str = "inplace", strict: bool = False, generate: bool | str =
     if generate not in GENERATE_POLICIES:
         raise ValueError(f"generate must be True, False or 'explicit', got {generate!r}")
     _import_modules(generate)
+    if prompt_buckets is not None or cache_buckets is not None:
+        from xla_cache_patch.fastgen.plan import set_buckets
+
+        set_buckets(prompt_buckets, cache_buckets)
+    start_compile_cache(compile_cache)
     reports: list[tuple[Integration, str]] = []
     with _lock:
         request = _Request(mode, strict, generate)
@@ -257,6 +277,36 @@ def apply(*, mode: str = "inplace", strict: bool = False, generate: bool | str =
     for integration, reason in reports:
         _report(integration, reason, strict)
     return applied
+
+
+_compile_cache: str | None = None
+
+
+def start_compile_cache(directory: str | os.PathLike[str] | None = None) -> str | None:
+    """torch_xla's persistent compilation cache in ``directory`` (or ``XLA_CACHE_PATCH_COMPILE_CACHE``).
+
+    Once per process, before the first compilation. On XLA:CPU (torch_xla 2.9) a later process cannot
+    load what was written (``PersistentCacheDeserializeFailure``) and compiles again; on TPU it is how a
+    new process skips compilation. Returns the folder in use, or None.
+    """
+    global _compile_cache
+    directory = directory or os.environ.get(COMPILE_CACHE_ENV) or None
+    if directory is None or _compile_cache is not None or GENERATE.missing() is not None:
+        return _compile_cache
+    try:
+        import torch_xla.runtime as xr
+
+        xr.initialize_cache(os.fspath(directory), readonly=False)
+    except Exception as exc:  # already initialized, or computations ran first
+        warnings.warn(
+            f"xla_cache_patch: the persistent compilation cache in {os.fspath(directory)!r} was not turned "
+            f"on ({type(exc).__name__}: {exc}); set it before the first XLA computation",
+            XlaCachePatchWarning,
+            stacklevel=3,
+        )
+        return None
+    _compile_cache = os.fspath(directory)
+    return _compile_cache
 
 
 def _import_modules(generate: bool | str) -> None:

@@ -286,7 +286,8 @@ def run(model: Any, plan: Plan) -> Any:
         )
         steps, lagged = 1, None
         every = plan.eos_check_every
-        while steps < plan.max_new_tokens:
+        last = plan.max_new_tokens if plan.stop_after is None else min(plan.max_new_tokens, plan.stop_after)
+        while steps < last:
             # `lagged` is the flag of the step before the last one queued: reading it waits for a step that is
             # (nearly) done, so the host keeps the device fed. The extra step it may cost is trimmed below.
             if lagged is not None and every and steps % every == 0 and not bool(lagged.item()):

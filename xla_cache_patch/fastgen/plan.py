@@ -20,6 +20,7 @@ from xla_cache_patch import compat
 
 EOS_CHECK_KWARG = "xla_eos_check_every"
 REPLAY_KWARG = "xla_replay"
+STOP_AFTER_KWARG = "xla_stop_after"  # warmup: run this many steps, enough to compile every graph
 DEFAULT_EOS_CHECK_EVERY = 8
 MIN_PROMPT_BUCKET = 16
 
@@ -150,6 +151,7 @@ class Plan:
     output_logits: bool
     eos_check_every: int
     replay: bool  # replay the compiled decode step instead of re-tracing it (see fastgen.replay)
+    stop_after: int | None  # warmup: stop after this many steps (the graphs are compiled by then)
     prompt_bucket: int  # P: the prompt is left-padded to this length
     cache_len: int  # C: cache slots and attention-mask length
     cache: Any | None  # an empty user StaticCache, else None (the loop builds one)
@@ -162,6 +164,7 @@ class Options:
 
     eos_check_every: int = DEFAULT_EOS_CHECK_EVERY
     replay: bool = True
+    stop_after: int | None = None
 
 
 def pop_own_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Options]:
@@ -173,19 +176,65 @@ def pop_own_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Options]:
     replay = kwargs.pop(REPLAY_KWARG, True)
     if not isinstance(replay, bool):
         raise ValueError(f"{REPLAY_KWARG} must be a bool, got {replay!r}")
-    return kwargs, Options(every, replay)
+    stop_after = kwargs.pop(STOP_AFTER_KWARG, None)
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+    ):
+        raise ValueError(f"{STOP_AFTER_KWARG} must be an int >= 1, got {stop_after!r}")
+    return kwargs, Options(every, replay, stop_after)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Sizes prompts / caches are rounded up to (each size: one set of graphs); () means the default rule."""
+
+    prompt: tuple[int, ...] = ()
+    cache: tuple[int, ...] = ()
+
+
+_buckets = Buckets()
+
+
+def set_buckets(prompt: Any = None, cache: Any = None) -> Buckets:
+    """Choose the bucket sizes (``apply(prompt_buckets=..., cache_buckets=...)``); None keeps the default
+    rule. A length past the largest size given falls back to the default rule."""
+    global _buckets
+
+    def sizes(values: Any, what: str) -> tuple[int, ...]:
+        if values is None:
+            return ()
+        out = tuple(sorted({int(v) for v in values}))
+        if not out or out[0] < 1 or any(isinstance(v, bool) or int(v) != v for v in values):
+            raise ValueError(f"{what} must be positive integers, got {values!r}")
+        return out
+
+    _buckets = Buckets(sizes(prompt, "prompt_buckets"), sizes(cache, "cache_buckets"))
+    return _buckets
+
+
+def _pick(sizes: tuple[int, ...], length: int) -> int | None:
+    return next((size for size in sizes if size >= length), None)
 
 
 def prompt_bucket(length: int) -> int:
     """Powers of two, at least MIN_PROMPT_BUCKET: nearby prompt lengths share one prefill graph."""
-    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+    return _pick(_buckets.prompt, length) or max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
 
 
 def cache_bucket(length: int) -> int:
     """Cache length: powers of two up to 1024, then multiples of 512: max_new_tokens values share graphs."""
+    chosen = _pick(_buckets.cache, length)
+    if chosen is not None:
+        return chosen
     if length <= 1024:
         return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
     return -(-length // 512) * 512
+
+
+def buckets(prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt bucket, cache length) a call with this prompt length and ``max_new_tokens`` runs in."""
+    bucket = prompt_bucket(prompt_length)
+    return bucket, cache_bucket(bucket + max_new_tokens)
 
 
 @cache
@@ -433,7 +482,7 @@ def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
     """(P, C): prompt bucket and cache/mask length. A user cache fixes C; P shrinks to fit if needed."""
     bucket = prompt_bucket(length)
     if cache is None:
-        return bucket, cache_bucket(bucket + max_new)
+        return buckets(length, max_new)
     capacity = cache_capacity(cache)
     if capacity is None:
         return bucket, cache_bucket(bucket + max_new)
@@ -507,6 +556,7 @@ def plan_request(
         output_logits=bool(config.output_logits),
         eos_check_every=options.eos_check_every,
         replay=options.replay and not _spmd(),
+        stop_after=options.stop_after,
         prompt_bucket=bucket,
         cache_len=cache_len,
         cache=cache,

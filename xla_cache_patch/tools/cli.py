@@ -1,4 +1,5 @@
-"""The ``xla-cache-patch`` command: ``doctor`` checks an installation, ``bench`` measures it.
+"""The ``xla-cache-patch`` command: ``doctor`` checks an installation, ``bench`` measures it, ``warmup``
+compiles the generate fast path's graphs ahead of the first call.
 
 Importing this module imports neither torch nor torch_xla nor transformers: ``--help`` and
 argument errors stay instant, and the subcommands load what they need (bench only in workers).
@@ -34,7 +35,46 @@ def build_parser() -> argparse.ArgumentParser:
             description="Prints a markdown table; every variant runs in its own process.",
         )
     )
+    warm = sub.add_parser(
+        "warmup",
+        help="compile the generate fast path's graphs for a set of call shapes, and say how many",
+        description="With --compile-cache on a TPU, later processes load these graphs instead of compiling.",
+    )
+    warm.add_argument("--model", default=None, help="a local checkpoint directory (default: the tiny Llama)")
+    warm.add_argument("--batch-sizes", default="1", help="comma-separated (default: 1)")
+    warm.add_argument("--prompt-lengths", default="16", help="comma-separated (default: 16)")
+    warm.add_argument("--max-new-tokens", type=int, default=128)
+    warm.add_argument("--compile-cache", default=None, help="torch_xla's persistent compilation cache folder")
     return parser
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def run_warmup(args: argparse.Namespace) -> int:
+    import torch_xla
+
+    import xla_cache_patch
+    from xla_cache_patch.fastgen.warmup import shapes
+
+    xla_cache_patch.apply(compile_cache=args.compile_cache)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    else:
+        from xla_cache_patch.tools import tiny
+
+        model = tiny.tiny_model()
+    model = model.to(torch_xla.device())
+    lengths, batches = _ints(args.prompt_lengths), _ints(args.batch_sizes)
+    compiled = xla_cache_patch.warmup(
+        model, batch_sizes=batches, prompt_lengths=lengths, max_new_tokens=args.max_new_tokens
+    )
+    found = ", ".join(f"prompt {p} / cache {c}" for p, c in shapes(lengths, args.max_new_tokens))
+    print(f"batch sizes {batches}: {found}: {compiled} graphs compiled")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "doctor":
         return doctor.run(args)
+    if args.command == "warmup":
+        return run_warmup(args)
     return bench.run(args)
 
 

@@ -203,6 +203,22 @@ def check_devices(timeout: float = 300.0) -> Check:
     return Check("XLA devices", True, detail)
 
 
+def check_compile_cache(environ: dict[str, str] | None = None) -> Check:
+    """Whether torch_xla's persistent compilation cache is asked for, and whether this device reloads it."""
+    from xla_cache_patch.registry import COMPILE_CACHE_ENV
+
+    env = os.environ if environ is None else environ
+    folder = env.get(COMPILE_CACHE_ENV)
+    device = env.get("PJRT_DEVICE", "CPU").upper()
+    where = f"{COMPILE_CACHE_ENV}={folder}" if folder else f"off (set {COMPILE_CACHE_ENV}, or compile_cache=)"
+    if device == "CPU":
+        where += (
+            "; XLA:CPU cannot reload it (measured with torch_xla 2.9: PersistentCacheDeserializeFailure, "
+            "every graph compiled again): it is for TPU"
+        )
+    return Check("compile cache", None, where)
+
+
 def run_probe(timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """Decode a few tokens of the tiny Llama on XLA with the in-place patch, in a fresh process."""
     from xla_cache_patch.tools.bench import worker_env
@@ -275,6 +291,7 @@ def collect(probe: bool = True) -> list[Check]:
         return checks
     devices = check_devices()
     checks.append(devices)
+    checks.append(check_compile_cache())
     if not probe:
         checks.append(Check("live probe", None, "skipped (--no-probe)"))
     elif devices.ok and era_ok:
