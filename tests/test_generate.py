@@ -210,7 +210,7 @@ def test_plan_reasons_on_cpu_model() -> None:
     from xla_cache_patch import fastgen
 
     model = _tiny_cpu_model()
-    reason = fastgen.plan(model, (torch.tensor([[1, 2]]),), {"cache_implementation": "static"})
+    reason = fastgen.decide(model, (torch.tensor([[1, 2]]),), {"cache_implementation": "static"})
     assert isinstance(reason, str) and "XLA" in reason
 
 
@@ -266,3 +266,30 @@ def test_before_after_example_runs_as_a_user_runs_it() -> None:
     rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if "| " in line}
     assert rows["patched"][4].strip() == "True" and rows["stock"][4].strip() == "True", proc.stdout
     assert int(rows["patched"][2]) <= 2 < int(rows["stock"][2]), proc.stdout
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_warmup_compiles_every_bucket_ahead() -> None:
+    """After warmup(batch 2, prompts 5 and 12, 20 tokens), calls in those buckets compile nothing."""
+    result = run_case("warmup")
+    assert result["warmup_compiles"] > 0, result
+    assert result["compiles_after"] == [0, 0, 0, 0], result
+    assert all(result["match"]), result
+
+
+def test_buckets_are_inspectable_and_settable() -> None:
+    import xla_cache_patch.fastgen.plan as plan
+    from xla_cache_patch.fastgen.warmup import shapes
+
+    assert plan.buckets(7, 20) == (16, 64) and plan.buckets(12, 9) == (16, 32)
+    assert shapes((5, 12), 20) == [(16, 32), (16, 64)]
+    try:
+        plan.set_buckets(prompt=[24, 48], cache=[40, 100])
+        assert plan.buckets(7, 20) == (24, 100) and plan.buckets(30, 5) == (48, 100)
+        assert plan.buckets(60, 5) == (64, 128)  # past the largest size: the default rule
+        with pytest.raises(ValueError, match="positive integers"):
+            plan.set_buckets(prompt=[0])
+    finally:
+        plan.set_buckets()
+    assert plan.buckets(7, 20) == (16, 64)

@@ -341,7 +341,7 @@ def case_user_cache(args: argparse.Namespace) -> dict[str, Any]:
     device = torch_xla.device()
     cache = new_static_cache(model, args.batch, length, device)
     out = model.generate(ids.to(device), attention_mask=mask.to(device), past_key_values=cache, **kw)
-    again = xla_cache_patch.fastgen.plan(model, (ids.to(device),), dict(past_key_values=cache, **kw))
+    again = xla_cache_patch.fastgen.decide(model, (ids.to(device),), dict(past_key_values=cache, **kw))
     return {
         "took": RECORDS.took(),
         "match": torch.equal(sequences(out), ref),
@@ -380,7 +380,41 @@ def case_replay(args: argparse.Namespace) -> dict[str, Any]:
     return {"took": RECORDS.took(), "runs": runs}
 
 
+def case_warmup(args: argparse.Namespace) -> dict[str, Any]:
+    """warmup() for batch 2, prompts 5..12, 20 new tokens; then calls inside those buckets compile nothing."""
+    model = build("llama")
+    calls = [(7, 20), (12, 9), (12, 20), (5, 9)]
+
+    def batch(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(length)
+        ids = torch.randint(3, PAD, (2, length), generator=gen)
+        mask = torch.ones_like(ids)
+        ids[1, :2], mask[1, :2] = PAD, 0
+        return ids, mask
+
+    kw = dict(do_sample=False, pad_token_id=PAD)  # the generation config's eos stays: the call users make
+    refs = [
+        model.generate(*batch(n)[:1], attention_mask=batch(n)[1], max_new_tokens=m, **kw) for n, m in calls
+    ]
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    warmed = xla_cache_patch.warmup(model, batch_sizes=(2,), prompt_lengths=(5, 12), max_new_tokens=20, **kw)
+    after, match = [], []
+    for (n, m), ref in zip(calls, refs, strict=True):
+        ids, mask = batch(n)
+        out, graphs = timed_call(
+            lambda ids=ids, mask=mask, m=m: model.generate(
+                ids.to(device), attention_mask=mask.to(device), max_new_tokens=m, **kw
+            )
+        )
+        after.append(graphs)
+        match.append(torch.equal(sequences(out), ref))
+    return {"warmup_compiles": warmed, "compiles_after": after, "match": match, "took": RECORDS.took()}
+
+
 CASES = {
+    "warmup": case_warmup,
     "greedy": case_greedy,
     "compiles": case_compiles,
     "sample": case_sample,

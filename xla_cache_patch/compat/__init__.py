@@ -95,6 +95,9 @@ class Adapter:
     casts_states: Callable[[Any], bool] = lambda func: "dtype" in code_names(func)
     # Set the token count a continuation reads, after the fast path moved the cache's content.
     set_length: Callable[[Any, int], None] = lambda cache, length: None
+    # Does a StaticCache built from a config with sliding-window layers window them (4.56+)? Before,
+    # models whose generation config asks for a HybridCache need it.
+    static_sliding: bool = False
     notes: str = ""
 
     def targets_for(self, mode: str) -> tuple[Target, ...]:

@@ -73,5 +73,6 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_lazy_static_cache,
     cache_buffers=cache_buffers,
+    static_sliding=True,
     set_length=set_length,
 )

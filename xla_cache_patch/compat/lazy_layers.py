@@ -97,5 +97,6 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_lazy_static_cache,
     cache_buffers=cache_buffers,
+    static_sliding=True,
     left_alone=(("ChunkedSlidingLayer", "4.56: " + CHUNKED),),
 )

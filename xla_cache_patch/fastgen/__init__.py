@@ -34,7 +34,7 @@ from xla_cache_patch.fastgen.plan import (
     pop_own_kwargs,
 )
 
-__all__ = ["EOS_CHECK_KWARG", "REPLAY_KWARG", "generate", "generate_wrapper", "plan"]
+__all__ = ["EOS_CHECK_KWARG", "REPLAY_KWARG", "decide", "generate", "generate_wrapper"]
 
 log = logging.getLogger("xla_cache_patch.fastgen")
 
@@ -47,7 +47,9 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str = True) -> Plan | str:
+def decide(
+    model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str = True
+) -> Plan | str:
     """The fast-path plan for this call, or the reason it must fall back (for callers and tests)."""
     result = _plan(model, args, kwargs, policy)
     return str(result) if isinstance(result, Fallback) else result
@@ -144,7 +146,18 @@ def generate_wrapper(
     )
     from xla_cache_patch.fastgen.loop import run  # imports torch_xla: only now that a call runs on XLA
 
-    return run(instance, result)
+    try:
+        return run(instance, result)
+    except Exception as exc:
+        if result.cache is not None:
+            raise  # the user's cache may hold part of this call: running transformers on it is unsafe
+        failed = Fallback(
+            f"the fast path failed on {type(instance).__name__} ({type(exc).__name__}: {exc})",
+            key=f"failed:{type(instance).__name__}:{type(exc).__name__}",
+            fix="Please report it with this message; transformers' loop gives the answer meanwhile.",
+        )
+    # Outside the except block: the traceback (and the failed call's device tensors) are gone by now.
+    return _fallback(wrapped, args, own_free, failed)
 
 
 def _original_generate(model: Any) -> Callable[..., Any]:

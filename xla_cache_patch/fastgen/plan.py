@@ -100,6 +100,13 @@ STALE_ATTR = "_xla_cache_patch_stale"
 _DOCS_FIX = "See docs/generate.md for what takes the fast path."
 
 
+# Model types whose tokens change with a static cache (not only its speed), by what they do with it.
+_STATIC_CACHE_CHANGES_TOKENS = {
+    "gpt_neo": "computes its causal and local attention masks from the key length, which a static cache "
+    "sets to the cache length (5.x gives other tokens than with its dynamic cache)",
+}
+
+
 class Fallback(Exception):
     """Raised while planning: this call must go to transformers' own ``generate``; the message says why.
 
@@ -441,6 +448,22 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
         f"{type(model).__name__} does not support a static cache (_supports_static_cache=False)",
         "_supports_static_cache",
         "Nothing to do on this transformers release: the model itself needs a dynamic cache.",
+    )
+    model_type = getattr(model.config, "model_type", None)
+    changes = _STATIC_CACHE_CHANGES_TOKENS.get(model_type)
+    _require(
+        changes is None,
+        f"{type(model).__name__} {changes}",
+        f"static-changes-tokens:{model_type}",
+        "Nothing to do: this model needs its dynamic cache for the right tokens.",
+    )
+    hybrid = getattr(getattr(model, "generation_config", None), "cache_implementation", None) == "hybrid"
+    _require(
+        not hybrid or compat.current().static_sliding,
+        f"{type(model).__name__} needs transformers' HybridCache on this release (its generation config "
+        "says cache_implementation='hybrid'; a StaticCache leaves its sliding-window layers unwindowed)",
+        "hybrid-required",
+        "Upgrade transformers to 4.56 or newer for the fast path with this model.",
     )
     return given[0] if given else None
 

@@ -60,7 +60,7 @@ def warmup(
                 attention_mask=torch.ones_like(ids).to(device),
                 max_new_tokens=cache_len - bucket,
             )
-            plan = fastgen.plan(model, (ids.to(device),), kwargs)
+            plan = fastgen.decide(model, (ids.to(device),), kwargs)
             if isinstance(plan, str):
                 raise ValueError(f"warmup: these calls would not take the fast path: {plan}")
             fastgen.generate(model, ids.to(device), **kwargs, **{STOP_AFTER_KWARG: WARMUP_STEPS})
