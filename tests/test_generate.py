@@ -287,7 +287,7 @@ def test_buckets_are_inspectable_and_settable() -> None:
     try:
         plan.set_buckets(prompt=[24, 48], cache=[40, 100])
         assert plan.buckets(7, 20) == (24, 100) and plan.buckets(30, 5) == (48, 100)
-        assert plan.buckets(60, 5) == (64, 128)  # past the largest size: the default rule
+        assert plan.buckets(60, 5) == (64, 100) and plan.buckets(60, 50) == (64, 128)  # past: default
         with pytest.raises(ValueError, match="positive integers"):
             plan.set_buckets(prompt=[0])
     finally:

@@ -181,7 +181,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, stream: TextIO | None = 
 def environment(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """Host facts, merged with what the first successful worker saw (device count, era)."""
     env: dict[str, Any] = {
-        "python": platform.pythoninstalled_version(),
+        "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "xla_cache_patch": installed_version("xla-cache-patch"),
