@@ -153,13 +153,6 @@ def test_plot_without_matplotlib_is_a_clear_error(
     assert "pip install 'xla-cache-patch[bench]'" in capsys.readouterr().err
 
 
-def test_spmd_without_sharding_hook_says_not_available(capsys: pytest.CaptureFixture[str]) -> None:
-    if importlib.util.find_spec("xla_cache_patch.spmd") is not None:
-        pytest.skip("the SPMD hook exists in this build")
-    assert cli.main(["bench", "--spmd", "2", "--variants", "loop-stock", "--new-tokens", "4"]) == 2
-    assert "SPMD sharding is not available" in capsys.readouterr().err
-
-
 def test_worker_env_defaults_to_cpu_and_sets_device_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
     env = bench.worker_env(4)
