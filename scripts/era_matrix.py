@@ -1,6 +1,6 @@
 """Run the core suite against one transformers release per era, each installed side by side.
 
-    python scripts/era_matrix.py [--cache .era-cache] [--only 4.46.3,...]
+    python scripts/era_matrix.py [--cache .era-cache] [--only 4.46.3,...] [--install-only]
 
 Each era adapter names the release it is tested with (``Adapter.test_version``), so a new era file
 joins the matrix by itself. Each version goes into its own folder with ``pip install --target``
@@ -67,6 +67,7 @@ def main() -> int:
         "--cache", type=Path, default=Path(os.environ.get("XLA_CACHE_PATCH_ERA_CACHE", ROOT / ".era-cache"))
     )
     ap.add_argument("--only", default="", help="comma-separated versions")
+    ap.add_argument("--install-only", action="store_true", help="install the versions, run nothing")
     args = ap.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     results: list[tuple[str, str, int]] = []
@@ -75,6 +76,8 @@ def main() -> int:
             continue
         print(f"=== {era}: transformers {version}", flush=True)
         folder = install(version, args.cache)
+        if args.install_only:
+            continue
         env = {
             **os.environ,
             "PJRT_DEVICE": os.environ.get("PJRT_DEVICE", "CPU"),
@@ -87,6 +90,8 @@ def main() -> int:
         orders = [*pytest, "tests/test_import_orders.py", "-k", "installed and every_import_order"]
         code = code or subprocess.run(orders, cwd=ROOT, env=env).returncode
         results.append((era, version, code))
+    if args.install_only:
+        return 0
     print("\n| era | transformers | suite |\n|---|---|---|")
     for era, version, code in results:
         print(f"| {era} | {version} | {'passed' if code == 0 else f'FAILED (exit {code})'} |")
