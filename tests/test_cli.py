@@ -355,3 +355,27 @@ def test_static_cache_constructor_follows_the_signature(
     adapter.make_static_cache(object(), 64)
     (call,) = _CALLS
     assert {k: call[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("preset", "cls", "shape"),
+    [
+        ("smollm2-135m", "LlamaConfig", (576, 30, 9, 3, 49152)),
+        ("qwen2.5-0.5b", "Qwen2Config", (896, 24, 14, 2, 151936)),
+    ],
+)
+def test_presets_have_the_published_shapes(preset: str, cls: str, shape: tuple[int, ...]) -> None:
+    transformers = pytest.importorskip("transformers")
+    from xla_cache_patch.tools import tiny
+
+    model_type, fields = tiny.PRESETS[preset]
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    assert type(config).__name__ == cls and config.tie_word_embeddings
+    got = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
+    assert (*got, config.num_key_value_heads, config.vocab_size) == shape
+
+
+def test_bench_accepts_a_preset_and_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--model", "not-a-preset-nor-a-dir", "--variants", "loop-stock"]) == 2
+    err = capsys.readouterr().err
+    assert "smollm2-135m" in err and "qwen2.5-0.5b" in err

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from xla_cache_patch.compat import installed_version
 from xla_cache_patch.tools.bench_worker import VARIANTS
+from xla_cache_patch.tools.tiny import PRESETS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
 STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
@@ -352,9 +353,11 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         except MissingPlotDependency as exc:
             print(f"xla-cache-patch bench: {exc}", file=sys.stderr)
             return 2
-    if args.model and not Path(args.model).is_dir():
+    if args.model and args.model not in PRESETS and not Path(args.model).is_dir():
         print(
-            f"xla-cache-patch bench: --model {args.model}: not a local checkpoint directory", file=sys.stderr
+            f"xla-cache-patch bench: --model {args.model}: not a local checkpoint directory nor a preset "
+            f"({', '.join(PRESETS)})",
+            file=sys.stderr,
         )
         return 2
     jobs = plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap)
@@ -407,7 +410,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of compiles and ms/token (needs matplotlib)")
-    p.add_argument("--model", metavar="PATH", help="local Hugging Face checkpoint instead of the tiny Llama")
+    p.add_argument(
+        "--model",
+        metavar="PATH|PRESET",
+        help="a local checkpoint, or a preset with real shapes and random weights (smollm2-135m, "
+        "qwen2.5-0.5b), instead of the tiny Llama",
+    )
     p.add_argument("--layers", type=int, default=2, help="layers of the tiny default model")
     p.add_argument(
         "--hidden", type=int, default=64, help="hidden size of the tiny default model (multiple of 8)"

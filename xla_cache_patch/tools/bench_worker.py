@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import sys
 import time
 import traceback
@@ -34,6 +35,8 @@ def _load_model(args: argparse.Namespace) -> Any:
         # SPMD splits the cache on kv heads: give every head its own K/V (4 of them) so 4 devices can.
         kv_heads = tiny.NUM_HEADS if args.spmd else tiny.NUM_KV_HEADS
         return tiny.tiny_model(args.layers, args.hidden, kv_heads=kv_heads)
+    if args.model in tiny.PRESETS:
+        return tiny.preset_model(args.model)
     from transformers import AutoModelForCausalLM
 
     # float32 after loading: the dtype keyword changed name across releases (torch_dtype -> dtype).
@@ -202,6 +205,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         compiles_per_step=step_compiles,
         compiles_after_warmup=sum(step_compiles[WARMUP_STEPS:]) if step_compiles else None,
         tokens=tokens[0].tolist(),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         environment=_environment(model, args),
     )
     if args.spmd:

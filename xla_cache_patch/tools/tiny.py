@@ -57,6 +57,58 @@ def tiny_config(
     return LlamaConfig(**fields)
 
 
+#: Real model shapes with random weights (no downloads): the architectures and sizes of the published
+#: configs of HuggingFaceTB/SmolLM2-135M and Qwen/Qwen2.5-0.5B, for measurements at a real size.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "smollm2-135m": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=8192,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    "qwen2.5-0.5b": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        ),
+    ),
+}
+
+
+def preset_model(name: str, seed: int = DEFAULT_SEED) -> Any:
+    """A random-weight model with the shapes of a published checkpoint (see PRESETS), in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    model_type, fields = PRESETS[name]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
+
+
 def tiny_model(
     layers: int = DEFAULT_LAYERS,
     hidden: int = DEFAULT_HIDDEN,
