@@ -211,11 +211,21 @@ def _compile_limit(marker: pytest.Mark) -> int:
     return limit
 
 
+def _options(item: pytest.Item) -> str:
+    """The session's own options (``--xla-cache-patch`` among them), so the rerun is patched the same way."""
+    import os
+    import shlex
+
+    args = item.config.invocation_params.args
+    kept = [arg for arg in args if "::" not in arg and not os.path.exists(arg)]  # paths are replaced
+    return "".join(f"{shlex.quote(arg)} " for arg in kept)
+
+
 def _guard_message(item: pytest.Item, limit: int, compiles: int, executions: int) -> str:
     return (
         f"{GUARD_MARK}({limit}): the test body compiled {compiles} XLA graphs "
         f"({executions} executions), {compiles - limit} more than allowed. Each compile is a graph "
         "torch_xla had not seen yet, typically a recompilation because a shape or a Python value baked "
         "into the graph changed between steps. To see the cause of each compilation, rerun with "
-        f"PT_XLA_DEBUG_LEVEL=2: PT_XLA_DEBUG_LEVEL=2 pytest '{item.nodeid}'"
+        f"PT_XLA_DEBUG_LEVEL=2: PT_XLA_DEBUG_LEVEL=2 pytest {_options(item)}'{item.nodeid}'"
     )

@@ -97,7 +97,7 @@ _MODE_ARGS = (
 CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
 # Set on a cache the fast path filled in a layout transformers cannot continue from (sliding layers).
 STALE_ATTR = "_xla_cache_patch_stale"
-_DOCS_FIX = "See docs/generate.md for what takes the fast path."
+_DOCS_FIX = "What takes the fast path: the xla-cache-patch README, and docs/generate.md in its repository."
 
 
 # Model types whose tokens change with a static cache (not only its speed), by what they do with it.

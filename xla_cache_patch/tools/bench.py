@@ -48,7 +48,7 @@ class Job:
 def plan_jobs(variants: list[str], new_tokens: list[int], cap: int) -> list[Job]:
     """Every (variant, new tokens) pair, with stock generate capped so it cannot exhaust XLA:CPU."""
     return [
-        Job(v, n, min(n, cap) if v == "generate-stock" and cap > 0 else n)
+        Job(v, n, min(n, cap) if v.startswith("generate-stock") and cap > 0 else n)
         for v in variants
         for n in new_tokens
     ]
@@ -226,6 +226,8 @@ TABLE_COLUMNS = (
     "ms/token",
     "XLA exec ms/step",
     "host overhead x",
+    "roofline ms/token",
+    "peak RSS MB",
 )
 
 
@@ -262,6 +264,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row.get("ms_per_token"), 1),
                 _fmt(row.get("execute_ms_per_step"), 2),
                 _fmt(row.get("host_overhead"), 1),
+                _fmt(row.get("roofline_ms_per_token"), 2),
+                _fmt(row.get("peak_rss_mb"), 0),
             ]
             if sharded:
                 cells.append(_fmt(row.get("kv_sharding")))
@@ -275,6 +279,8 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
         "compiles/executions/aliased KV buffers and wall s: first (cold) call in a fresh process;",
         "ms/token, XLA exec ms/step, host overhead: a second identical call",
         "(steady state, prefill included; host overhead = ms/token / XLA exec ms/step).",
+        "roofline ms/token: the bytes a decode step reads (weights + KV cache at the average position)",
+        "over a large copy's bandwidth on the XLA device, measured in the same process; peak RSS: of it.",
     ]
     capped = [r for r in rows if r.get("capped")]
     if capped:

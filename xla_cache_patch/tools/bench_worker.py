@@ -24,7 +24,19 @@ from xla_cache_patch import compat, metrics
 from xla_cache_patch.metrics import count_compiles
 from xla_cache_patch.tools import tiny
 
-VARIANTS = ("generate-stock", "generate-patched", "loop-stock", "loop-inplace", "loop-functional")
+VARIANTS = (
+    "generate-stock",
+    "generate-patched",
+    "generate-stock-noeos",
+    "loop-stock",
+    "loop-inplace",
+    "loop-functional",
+    "loop-dynamo",
+)
+# The call users make: the generation config's eos, a left-padded batch of 2 with its attention mask,
+# no cache argument. generate-stock-noeos is the narrower call earlier tables used (batch 1, no eos,
+# cache_implementation="static").
+USER_CALL = ("generate-stock", "generate-patched")
 PATCH_MODE = {"generate-patched": "inplace", "loop-inplace": "inplace", "loop-functional": "functional"}
 WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
 
@@ -64,28 +76,34 @@ def _new_tokens_of(out: Any, prompt: Any) -> Any:
     return out
 
 
-def _run(variant: str, model: Any, ids: Any, new_tokens: int, on_xla: bool) -> tuple[Any, list[int], Any]:
+def _run(
+    variant: str, model: Any, ids: Any, mask: Any, new_tokens: int, on_xla: bool, spmd: int = 0
+) -> tuple[Any, list[int], Any]:
     """One generation of ``new_tokens`` tokens: the tokens (CPU), per-step compiles (loops), the cache."""
     if variant.startswith("loop-"):
         sync = compiles = None
         if on_xla:
+            import torch
             import torch_xla
 
             sync, compiles = torch_xla.sync, metrics.compiles
+            if variant == "loop-dynamo":  # the peer: dynamo compiles the forward for XLA
+                model = torch.compile(model, backend="openxla")
         result = tiny.decode_loop(model, ids, new_tokens, sync=sync, compiles=compiles)
         return result.tokens, result.step_compiles, result.cache
     device = next(model.parameters()).device
-    inputs = ids.to(device)
     compat.drop_model_cache(model)
+    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False}
+    if variant not in USER_CALL:
+        kwargs["cache_implementation"] = "static"
+    if mask is not None:
+        kwargs["attention_mask"] = mask.to(device)
+    if spmd:  # the returned cache shows where the KV buffers ended up on the mesh
+        kwargs["return_dict_in_generate"] = True
     # generate-patched calls the same public API: with apply(generate=True) it takes the fast path.
-    out = model.generate(
-        inputs,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        cache_implementation="static",
-        return_dict_in_generate=True,
-    )
-    return _new_tokens_of(out.sequences, ids), [], compat.returned_cache(out)
+    out = model.generate(ids.to(device), **kwargs)
+    sequences = out.sequences if spmd else out
+    return _new_tokens_of(sequences, ids), [], compat.returned_cache(out) if spmd else None
 
 
 def kv_sharding(cache: Any) -> str:
@@ -101,6 +119,41 @@ def kv_sharding(cache: Any) -> str:
             return f"heads/{spec.split(',')[1]}"
         return spec.strip("{}") or "replicated"  # SPMD replicates what carries no annotation
     return "mixed: " + ", ".join(sorted(specs))
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second a large copy moves on the XLA device (read + write), measured here and now."""
+    import torch
+    import torch_xla
+
+    src = torch.ones(megabytes * 2**20 // 4, device=torch_xla.device())
+    torch_xla.sync()
+    dst = src.clone()  # the first run compiles
+    torch_xla.sync()
+    dst.cpu()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst = src.clone()
+        torch_xla.sync()
+    dst[:1].cpu()
+    return 2 * megabytes * 2**20 * repeats / (time.perf_counter() - start)
+
+
+def _roofline(model: Any, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """The memory limit of a decode step: weights plus the KV cache read once, at the copy bandwidth."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    kv_per_token = 2 * config.num_hidden_layers * heads * head_dim * element * batch
+    step_bytes = weights + kv_per_token * (prompt_len + new_tokens / 2)  # the average position
+    bandwidth = copy_bandwidth()
+    return {
+        "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "bytes_per_step_mb": round(step_bytes / 2**20, 1),
+        "roofline_ms_per_token": round(1000 * step_bytes / bandwidth, 3),
+    }
 
 
 def _apply_patch(variant: str) -> dict[str, Any]:
@@ -172,21 +225,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     row: dict[str, Any] = {"variant": args.variant, "new_tokens": args.new_tokens}
     model = _load_model(args)
-    _fixed_length(model)
-    ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
+    mask = None
+    if args.variant in USER_CALL:
+        ids, mask = tiny.padded_prompts(model.config.vocab_size, args.prompt_len)
+    else:
+        _fixed_length(model)
+        ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
     with torch.no_grad():
-        reference, _, _ = _run(args.variant, model, ids, args.new_tokens, on_xla=False)
+        reference, _, _ = _run(args.variant, model, ids, mask, args.new_tokens, on_xla=False)
     compat.drop_model_cache(model)
     row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
     model = _to_xla(model, args.spmd)
 
     with torch.no_grad(), count_compiles() as cold:
         start = time.perf_counter()
-        tokens, step_compiles, cache = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
+        tokens, step_compiles, cache = _run(args.variant, model, ids, mask, args.new_tokens, True, args.spmd)
         wall = time.perf_counter() - start
     with torch.no_grad(), count_compiles() as steady:
         start = time.perf_counter()
-        again, _, cache = _run(args.variant, model, ids, args.new_tokens, on_xla=True)
+        again, _, cache = _run(args.variant, model, ids, mask, args.new_tokens, True, args.spmd)
         steady_wall = time.perf_counter() - start
 
     ms_per_token = 1000 * steady_wall / args.new_tokens
@@ -206,6 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         compiles_after_warmup=sum(step_compiles[WARMUP_STEPS:]) if step_compiles else None,
         tokens=tokens[0].tolist(),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **_roofline(model, ids.shape[0], args.prompt_len, args.new_tokens),
         environment=_environment(model, args),
     )
     if args.spmd:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--model", default=None, help="a local checkpoint directory (default: the tiny Llama)")
     warm.add_argument("--batch-sizes", default="1", help="comma-separated (default: 1)")
     warm.add_argument("--prompt-lengths", default="16", help="comma-separated (default: 16)")
-    warm.add_argument("--max-new-tokens", type=int, default=128)
+    warm.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
     warm.add_argument("--compile-cache", default=None, help="torch_xla's persistent compilation cache folder")
     return parser
 
@@ -72,8 +72,11 @@ def run_warmup(args: argparse.Namespace) -> int:
     compiled = xla_cache_patch.warmup(
         model, batch_sizes=batches, prompt_lengths=lengths, max_new_tokens=args.max_new_tokens
     )
-    found = ", ".join(f"prompt {p} / cache {c}" for p, c in shapes(lengths, args.max_new_tokens))
-    print(f"batch sizes {batches}: {found}: {compiled} graphs compiled")
+    found = ", ".join(f"prompt bucket {p} / cache {c}" for p, c in shapes(lengths, args.max_new_tokens))
+    print(
+        f"batch sizes {batches}, prompt lengths {lengths} (rounded up to buckets), up to "
+        f"{args.max_new_tokens} new tokens: {found}: {compiled} graphs compiled"
+    )
     return 0
 
 

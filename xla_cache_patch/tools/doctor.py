@@ -193,7 +193,10 @@ def check_devices(timeout: float = 300.0) -> Check:
     info = json.loads(lines[-1])
     detail = f"{info['count']} x {info['type']} (PJRT_DEVICE={env['PJRT_DEVICE']})"
     if not configured:
-        detail += "; PJRT_DEVICE is not set, probed with CPU: export PJRT_DEVICE=TPU|CUDA|CPU"
+        detail = (
+            f"{info['count']} x {info['type']}, probed with PJRT_DEVICE=CPU because PJRT_DEVICE is not set: "
+            "your programs need export PJRT_DEVICE=TPU|CUDA|CPU"
+        )
     missing = info.get("replay_missing") or []
     detail += (
         "; generate's decode step: replayed (private torch_xla API found)"

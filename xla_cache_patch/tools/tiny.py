@@ -146,6 +146,20 @@ class DecodeResult:
     cache: Any = None
 
 
+def padded_prompts(
+    vocab: int = DEFAULT_VOCAB, length: int = DEFAULT_PROMPT_LEN, seed: int = DEFAULT_SEED, pad: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch of 2 (lengths ``length`` and ``length - 3``) and its attention mask, on CPU."""
+    import torch
+
+    ids = prompt_ids(vocab, length, seed).repeat(2, 1)
+    ids[1] = prompt_ids(vocab, length, seed + 1)[0]
+    mask = torch.ones_like(ids)
+    short = min(3, length - 1)
+    ids[1, :short], mask[1, :short] = pad, 0
+    return ids, mask
+
+
 def decode_loop(
     model: Any,
     input_ids: torch.Tensor,
@@ -171,7 +185,7 @@ def decode_loop(
         cache = compat.current().make_static_cache(
             model.config, length, device=device, dtype=next(model.parameters()).dtype
         )
-    name = compat.cache_kwarg(model)
+    name = compat.cache_kwarg(getattr(model, "_orig_mod", model))  # a torch.compile'd model too
     x = input_ids.to(device)
     pos = torch.arange(x.shape[1], device=device)
     out: list[torch.Tensor] = []
