@@ -503,14 +503,11 @@ def _check_user_cache(cache: Any, batch: int) -> None:
 
 def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
     """(P, C): prompt bucket and cache/mask length. A user cache fixes C; P shrinks to fit if needed."""
-    bucket = prompt_bucket(length)
-    if cache is None:
-        return buckets(length, max_new)
-    capacity = cache_capacity(cache)
+    capacity = None if cache is None else cache_capacity(cache)
     if capacity is None:
-        return bucket, cache_bucket(bucket + max_new)
+        return buckets(length, max_new)
     # The last token is never fed back, so P + max_new - 1 slots are written.
-    bucket = min(bucket, capacity - max_new + 1)
+    bucket = min(prompt_bucket(length), capacity - max_new + 1)
     _require(bucket >= length, f"the cache ({capacity} slots) is too short for {length} + {max_new} tokens")
     return bucket, capacity
 
