@@ -33,6 +33,9 @@ ROW_SCHEMA = {
     "wall_s": float,
     "ms_per_token": float,
     "execute_ms_per_step": float,
+    "decode_step_ms": float,
+    "roofline_ms_per_token": float,
+    "peak_rss_mb": float,
 }
 
 
@@ -140,6 +143,78 @@ def test_capped_requests_that_ran_as_one_job_are_one_row() -> None:
     ]
     lines = bench.format_table(rows).splitlines()[2:]
     assert [line.split("|")[2].strip() for line in lines] == ["8", "16 (capped from 32, 128)"]
+
+
+FAKE_WORKER = """
+import json, os, signal, sys, time
+progress = sys.argv[sys.argv.index("--progress") + 1]
+state = {"phase": "cold", "phase_started": time.time() - 7.0, "compiles": 12, "compiles_at_phase": 3}
+json.dump(state, open(progress, "w"))
+print("LLVM ERROR: out of memory / Cannot allocate memory", flush=True)
+os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def test_a_worker_that_dies_mid_call_is_a_crashed_row_with_its_lower_bounds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """XLA:CPU killing stock generate part-way is a row: graphs and seconds before the crash."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(
+        bench,
+        "worker_command",
+        lambda job, args, out, progress=None: [sys.executable, str(script), "--progress", progress],
+    )
+    args = cli.build_parser().parse_args(["bench", "--variants", "generate-stock"])
+    with open(os.devnull, "w") as quiet:
+        row = bench.run_job(bench.Job("generate-stock", 16, 16), args, bench.Progress(1, quiet))
+    assert row["crashed"] is True and row["crash_phase"] == "cold"
+    assert row["compiles"] == 9  # compiled during the call, not before it
+    assert row["wall_s"] >= 7.0
+    assert "signal 11" in row["crash"] and "Cannot allocate memory" in row["crash"]
+    fast = _row("generate-patched", 16, wall_s=row["wall_s"] / 50)
+    (line,) = bench.speedups([row, fast])
+    assert (
+        line.startswith("generate-patched x16 cold: at least 50x faster") and "crashed after 9 graphs" in line
+    )
+    assert fast["cold_speedup"] == 50.0 and fast["cold_speedup_lower_bound"] is True
+    table = bench.format_table([row, fast])
+    assert "crashed: worker killed by signal 11" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
+
+
+def test_a_crash_before_the_variant_runs_is_an_error_not_a_lower_bound() -> None:
+    row = bench.crashed_row({"phase": "cpu-reference", "phase_started": 0.0}, "worker exited with 1", 5.0)
+    assert row == {"error": "worker exited with 1 (during cpu-reference)"}
+    assert (
+        bench.speedups([row | {"variant": "generate-stock", "new_tokens": 8}, _row("generate-patched", 8)])
+        == []
+    )
+
+
+def test_heartbeat_records_phases_and_graphs(tmp_path: Path) -> None:
+    from xla_cache_patch.tools.bench_worker import Heartbeat
+
+    path = tmp_path / "beat.json"
+    with Heartbeat(str(path), interval=0.01) as beat:
+        beat.phase("cold")
+        state = json.loads(path.read_text())
+    assert state["phase"] == "cold" and state["compiles_at_phase"] == state["compiles"]
+    assert Heartbeat(None).path is None  # no file asked: nothing written
+
+
+def test_speedup_against_a_finished_stock_call() -> None:
+    stock, fast = (
+        _row("generate-stock", 16, wall_s=100.0, compiles=55),
+        _row("generate-patched", 16, wall_s=2.0),
+    )
+    (line,) = bench.speedups([stock, fast])
+    assert line == (
+        "generate-patched x16 cold: 50x faster than generate-stock "
+        "(2.0 s and 2 graphs against 100 s and 55 graphs)."
+    )
+    assert fast["cold_speedup_lower_bound"] is False
 
 
 def test_plot_without_matplotlib_is_a_clear_error(

@@ -43,6 +43,18 @@ def test_greedy_matches_cpu_generate(model: str, batch: int) -> None:
 
 @pytest.mark.xla
 @pytest.mark.slow
+def test_small_row_dots_on_xla_cpu_match_and_are_restored() -> None:
+    """The fast path's XLA:CPU dot forms (one matvec per row up to 3, W @ x.T up to 16): the products
+    F.linear gives, a batch of 4 equal to CPU generate, and F.linear restored after the call."""
+    result = run_case("dots", "--new-tokens", "12")
+    assert result["swapped"] and result["restored"]
+    assert result["max_abs_diff"] < 1e-4
+    assert result["took"] == ["fast"] and result["match"]
+    assert result["compiles"] == 2
+
+
+@pytest.mark.xla
+@pytest.mark.slow
 def test_min_new_tokens_holds_eos_back() -> None:
     plain = run_case("greedy", "--batch", "3", "--eos", "--new-tokens", "12")
     held = run_case("greedy", "--batch", "3", "--eos", "--new-tokens", "12", "--min-new-tokens", "10")

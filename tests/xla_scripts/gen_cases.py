@@ -413,7 +413,44 @@ def case_warmup(args: argparse.Namespace) -> dict[str, Any]:
     return {"warmup_compiles": warmed, "compiles_after": after, "match": match, "took": RECORDS.took()}
 
 
+def case_dots(args: argparse.Namespace) -> dict[str, Any]:
+    """XLA:CPU's small-row dots (fastgen.swaps): same products as F.linear, restored after generate."""
+    from xla_cache_patch.fastgen import swaps
+
+    original = torch.nn.functional.linear
+    device = torch_xla.device()
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
+    worst = 0.0
+    with swaps.xla_cpu_dots(device):
+        swapped = torch.nn.functional.linear is swaps._linear
+        for rows in (1, 2, 3, 4, 9, 16, 17):
+            x = torch.randn(rows, 1, 64, generator=gen)
+            for b in (None, bias):
+                got = torch.nn.functional.linear(
+                    x.to(device), weight.to(device), None if b is None else b.to(device)
+                )
+                worst = max(worst, float((got.cpu() - original(x, weight, b)).abs().max()))
+    restored_after_block = torch.nn.functional.linear is original
+    model = build("llama")
+    ids, mask = prompts(4)
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=PAD)
+    ref = model.generate(ids, attention_mask=mask, **kwargs)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    out, graphs = timed_call(lambda: model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs))
+    return {
+        "swapped": swapped,
+        "max_abs_diff": worst,
+        "restored": restored_after_block and torch.nn.functional.linear is original,
+        "match": torch.equal(sequences(out), ref),
+        "compiles": graphs,
+        "took": RECORDS.took(),
+    }
+
+
 CASES = {
+    "dots": case_dots,
     "warmup": case_warmup,
     "greedy": case_greedy,
     "compiles": case_compiles,

@@ -11,11 +11,7 @@ the slot, the finished rows and the sampling parameters are device tensors. The 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -25,6 +21,7 @@ import torch_xla
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan, Sampling
 from xla_cache_patch.fastgen.replay import StepReplay, cache_numbers, cache_tensors
+from xla_cache_patch.fastgen.swaps import explicit_masks, xla_cpu_dots
 
 log = logging.getLogger("xla_cache_patch.fastgen")
 
@@ -274,7 +271,7 @@ def run(model: Any, plan: Plan) -> Any:
     collected = _Collected()
     if plan.sampling is not None:
         _seed_xla_rng(device)
-    with torch.no_grad(), _explicit_masks():
+    with torch.no_grad(), explicit_masks(), xla_cpu_dots(device):
         state, extras = _prefill(model, plan, cache, device, consts)
         torch_xla.sync()
         collected.take(extras, plan)
@@ -305,43 +302,6 @@ def run(model: Any, plan: Plan) -> Any:
     if plan.cache is not None or plan.return_dict:  # the cache reaches the user: make it continuable
         _settle(adapter, cache, plan, produced, device)
     return _outputs(plan, state, cache, produced, collected)
-
-
-_masks_lock = threading.Lock()
-_masks_depth = 0
-_masks_original: Any = None
-_MASK_SKIP = "_ignore_causal_mask_sdpa"
-
-
-@contextlib.contextmanager
-def _explicit_masks() -> Iterator[None]:
-    """Always build the attention mask inside the fast path (transformers >= 4.53's ``masking_utils``).
-
-    Its ``_ignore_causal_mask_sdpa`` may drop the mask after reading the padding mask on the host
-    (``fast_all``): on XLA that read is one more compiled graph and a sync in every traced step. An
-    explicit mask gives the same attention; nested and concurrent calls share one replacement.
-    """
-    global _masks_depth, _masks_original
-    module = sys.modules.get("transformers.masking_utils")
-    if module is None or not callable(getattr(module, _MASK_SKIP, None)):
-        yield
-        return
-    with _masks_lock:
-        if _masks_depth == 0:
-            _masks_original = getattr(module, _MASK_SKIP)
-            setattr(module, _MASK_SKIP, _never_skip)
-        _masks_depth += 1
-    try:
-        yield
-    finally:
-        with _masks_lock:
-            _masks_depth -= 1
-            if _masks_depth == 0:
-                setattr(module, _MASK_SKIP, _masks_original)
-
-
-def _never_skip(*args: Any, **kwargs: Any) -> bool:
-    return False
 
 
 def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, device: torch.device) -> None:

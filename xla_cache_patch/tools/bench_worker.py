@@ -15,7 +15,9 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -39,6 +41,54 @@ VARIANTS = (
 USER_CALL = ("generate-stock", "generate-patched")
 PATCH_MODE = {"generate-patched": "inplace", "loop-inplace": "inplace", "loop-functional": "functional"}
 WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
+
+
+class Heartbeat:
+    """Writes the phase, when it began and the graphs compiled so far to a file, every second.
+
+    XLA:CPU can kill the process mid-compile (LLVM "Cannot allocate memory", then SIGSEGV) before any
+    row is written; the parent then reads this file to report how far the variant got: a lower bound.
+    Graphs are read from torch_xla's counters once it is imported (a compile may hold the GIL, so the
+    last beat before a crash is from before the graph that killed it).
+    """
+
+    def __init__(self, path: str | None, interval: float = 1.0) -> None:
+        self.path, self.interval = path, interval
+        self.state: dict[str, Any] = {"phase": "start", "phase_started": time.time(), "compiles": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        if self.path:
+            self._write()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def phase(self, name: str) -> None:
+        compiles = self._compiles()
+        self.state.update(phase=name, phase_started=time.time(), compiles=compiles)
+        self.state["compiles_at_phase"] = compiles
+        self._write()
+
+    def _compiles(self) -> int:
+        return metrics.compiles() if "torch_xla" in sys.modules else 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.state["compiles"] = self._compiles()
+            self._write()
+
+    def _write(self) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.tmp"
+        with contextlib.suppress(OSError):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(self.state, fh)
+            os.replace(tmp, self.path)
 
 
 def _load_model(args: argparse.Namespace) -> Any:
@@ -219,11 +269,21 @@ def _environment(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     return env
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def _decode_step_ms() -> float | None:
+    """Median ExecuteTime of the graphs run since the metrics were cleared, the first (prefill) left out."""
+    import torch_xla.debug.metrics as met
+
+    samples = [v for name in metrics.EXECUTE_METRICS for _, v in (met.metric_data(name) or (0, 0, []))[2]]
+    return round(statistics.median(samples[1:]) / 1e6, 3) if len(samples) > 1 else None
+
+
+def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str, Any]:
     """CPU eager reference, then a cold and a steady XLA run of the same variant."""
     import torch
 
+    beat = beat or Heartbeat(None)
     row: dict[str, Any] = {"variant": args.variant, "new_tokens": args.new_tokens}
+    beat.phase("load")
     model = _load_model(args)
     mask = None
     if args.variant in USER_CALL:
@@ -231,16 +291,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     else:
         _fixed_length(model)
         ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
+    beat.phase("cpu-reference")
     with torch.no_grad():
         reference, _, _ = _run(args.variant, model, ids, mask, args.new_tokens, on_xla=False)
     compat.drop_model_cache(model)
     row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
     model = _to_xla(model, args.spmd)
 
+    import torch_xla.debug.metrics as met
+
+    beat.phase("cold")
     with torch.no_grad(), count_compiles() as cold:
         start = time.perf_counter()
         tokens, step_compiles, cache = _run(args.variant, model, ids, mask, args.new_tokens, True, args.spmd)
         wall = time.perf_counter() - start
+    met.clear_all()  # the steady call's ExecuteTime samples only (the counters below count from here)
+    beat.phase("steady")
     with torch.no_grad(), count_compiles() as steady:
         start = time.perf_counter()
         again, _, cache = _run(args.variant, model, ids, mask, args.new_tokens, True, args.spmd)
@@ -248,6 +314,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     ms_per_token = 1000 * steady_wall / args.new_tokens
     exec_ms = steady.execute_time_ns / 1e6 / args.new_tokens
+    decode_ms = _decode_step_ms()
+    roofline = _roofline(model, ids.shape[0], args.prompt_len, args.new_tokens)
     row.update(
         compiles=cold.compiles,
         executions=cold.executions,
@@ -256,6 +324,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         wall_s=round(wall, 3),
         ms_per_token=round(ms_per_token, 3),
         execute_ms_per_step=round(exec_ms, 4),
+        decode_step_ms=decode_ms,
+        decode_x_roofline=round(decode_ms / roofline["roofline_ms_per_token"], 2) if decode_ms else None,
         host_overhead=round(ms_per_token / exec_ms, 2) if exec_ms > 0 else None,
         steady_compiles=steady.compiles,
         steady_executions=steady.executions,
@@ -263,7 +333,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         compiles_after_warmup=sum(step_compiles[WARMUP_STEPS:]) if step_compiles else None,
         tokens=tokens[0].tolist(),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        **_roofline(model, ids.shape[0], args.prompt_len, args.new_tokens),
+        **roofline,
         environment=_environment(model, args),
     )
     if args.spmd:
@@ -281,13 +351,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=tiny.DEFAULT_HIDDEN)
     p.add_argument("--prompt-len", type=int, default=tiny.DEFAULT_PROMPT_LEN)
     p.add_argument("--spmd", type=int, default=0)
+    p.add_argument("--progress", default=None, help="where to write the heartbeat (phase, graphs so far)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        row = measure(args)
+        with Heartbeat(args.progress) as beat:
+            row = measure(args, beat)
         code = 0
     except Exception as exc:  # the row carries the error so the table still prints
         traceback.print_exc()
