@@ -217,6 +217,14 @@ def test_speedup_against_a_finished_stock_call() -> None:
     assert fast["cold_speedup_lower_bound"] is False
 
 
+def test_warmed_row_says_what_warmup_compiled_and_what_the_first_call_then_did() -> None:
+    warmed = _row("generate-warmed", 16, compiles=0, wall_s=0.7, warmup_compiles=2, warmup_s=7.5)
+    assert bench.speedups([warmed]) == [
+        "generate-warmed x16: xla_cache_patch.warmup() compiled 2 graphs in 7.5 s; "
+        "the first call after it compiled 0 graphs in 0.7 s."
+    ]
+
+
 def test_plot_without_matplotlib_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

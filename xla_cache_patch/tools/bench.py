@@ -101,6 +101,8 @@ def worker_command(job: Job, args: argparse.Namespace, out: str, progress: str |
     cmd += ["--new-tokens", str(job.new_tokens), "--out", out, "--spmd", str(args.spmd)]
     if progress:
         cmd += ["--progress", progress]
+    if args.cache_len and job.variant.startswith("loop-"):
+        cmd += ["--cache-len", str(args.cache_len)]
     if args.model:
         cmd += ["--model", str(args.model)]
     else:
@@ -198,6 +200,13 @@ def speedups(rows: list[dict[str, Any]]) -> list[str]:
     bound on its time, so the speed-up is too ("at least")."""
     lines = []
     by_key = {_key(r): r for r in rows}
+    for (variant, n), warmed in by_key.items():
+        if variant == "generate-warmed" and "error" not in warmed:
+            lines.append(
+                f"generate-warmed x{n}: xla_cache_patch.warmup() compiled {warmed.get('warmup_compiles')} "
+                f"graphs in {warmed.get('warmup_s', 0):.1f} s; the first call after it compiled "
+                f"{warmed.get('compiles')} graphs in {warmed.get('wall_s', 0):.1f} s."
+            )
     for (variant, n), fast in by_key.items():
         stock = by_key.get(("generate-stock", n))
         if variant != "generate-patched" or stock is None or "error" in fast:
@@ -287,6 +296,7 @@ TABLE_COLUMNS = (
     "host overhead x",
     "roofline ms/token",
     "decode / roofline",
+    "CPU eager ms/token",
     "peak RSS MB",
 )
 
@@ -329,6 +339,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row.get("host_overhead"), 1),
                 _fmt(row.get("roofline_ms_per_token"), 2),
                 _fmt(row.get("decode_x_roofline"), 2),
+                _fmt(row.get("cpu_eager_ms_per_token"), 1),
                 _fmt(row.get("peak_rss_mb"), 0),
             ]
             if sharded:
@@ -342,11 +353,12 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
     notes = [
         "compiles, executions, aliased KV buffers, wall s: the first (cold) call in a fresh process.",
         "ms/token: a second identical call's wall time over its new tokens (prefill included).",
-        "decode ms/step: median XLA execution time of that call's graphs, the prefill left out.",
+        "decode ms/step: XLA execution time of that call's graphs after the prefill, per step.",
         "host overhead x: ms/token over the call's XLA execution time per token (1.0: the host never waits).",
         "roofline ms/token: bytes a decode step must read (weights + KV cache at the average position)",
-        "over a large copy's bandwidth on the XLA device, measured in the same process.",
+        "over the bandwidth of a large in-place add on the XLA device, measured in the same process.",
         "decode / roofline: decode ms/step over roofline ms/token. peak RSS MB: the worker process's.",
+        "CPU eager ms/token: the same call in torch eager on the same cores (no XLA), warm.",
         "A crashed row: the graphs compiled and seconds run before the crash (lower bounds).",
     ]
     capped = [r for r in rows if r.get("capped")]
@@ -501,6 +513,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=2, help="layers of the tiny default model")
     p.add_argument(
         "--hidden", type=int, default=64, help="hidden size of the tiny default model (multiple of 8)"
+    )
+    p.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV cache slots of the loop variants (default: prompt + new tokens); a long cache shows "
+        "what aliasing saves",
     )
     p.add_argument(
         "--spmd", type=int, default=0, metavar="N", help="shard over N devices (CPU_NUM_DEVICES=N on CPU)"

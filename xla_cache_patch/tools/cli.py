@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from xla_cache_patch import __version__
 from xla_cache_patch.tools import bench, doctor
@@ -40,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the generate fast path's graphs for a set of call shapes, and say how many",
         description="With --compile-cache on a TPU, later processes load these graphs instead of compiling.",
     )
-    warm.add_argument("--model", default=None, help="a local checkpoint directory (default: the tiny Llama)")
+    warm.add_argument(
+        "--model",
+        default=None,
+        help="a local checkpoint directory or a preset (smollm2-135m, qwen2.5-0.5b); default: the tiny Llama",
+    )
     warm.add_argument("--batch-sizes", default="1", help="comma-separated (default: 1)")
     warm.add_argument("--prompt-lengths", default="16", help="comma-separated (default: 16)")
     warm.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
@@ -57,25 +62,28 @@ def run_warmup(args: argparse.Namespace) -> int:
 
     import xla_cache_patch
     from xla_cache_patch.fastgen.warmup import shapes
+    from xla_cache_patch.tools import tiny
 
     xla_cache_patch.apply(compile_cache=args.compile_cache)
-    if args.model:
+    if args.model in tiny.PRESETS:
+        model = tiny.preset_model(args.model)
+    elif args.model:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     else:
-        from xla_cache_patch.tools import tiny
-
         model = tiny.tiny_model()
     model = model.to(torch_xla.device())
     lengths, batches = _ints(args.prompt_lengths), _ints(args.batch_sizes)
+    start = time.perf_counter()
     compiled = xla_cache_patch.warmup(
         model, batch_sizes=batches, prompt_lengths=lengths, max_new_tokens=args.max_new_tokens
     )
     found = ", ".join(f"prompt bucket {p} / cache {c}" for p, c in shapes(lengths, args.max_new_tokens))
     print(
         f"batch sizes {batches}, prompt lengths {lengths} (rounded up to buckets), up to "
-        f"{args.max_new_tokens} new tokens: {found}: {compiled} graphs compiled"
+        f"{args.max_new_tokens} new tokens: {found}: {compiled} graphs compiled in "
+        f"{time.perf_counter() - start:.1f} s"
     )
     return 0
 
