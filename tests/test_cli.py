@@ -221,7 +221,7 @@ def test_warmed_row_says_what_warmup_compiled_and_what_the_first_call_then_did()
     warmed = _row("generate-warmed", 16, compiles=0, wall_s=0.7, warmup_compiles=2, warmup_s=7.5)
     assert bench.speedups([warmed]) == [
         "generate-warmed x16: xla_cache_patch.warmup() compiled 2 graphs in 7.5 s; "
-        "the first call after it compiled 0 graphs in 0.7 s."
+        "the first call after it compiled 0 graphs in 0.70 s."
     ]
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,8 @@ def run_worker(
     return code, elapsed, tail
 
 
+_GLOG_PREFIX = re.compile(r"^[EWIF]\d{4} [\d:.]+\s+\d+ \S+\] ")
+
 #: Phases of a worker in which the variant itself runs on XLA (see bench_worker.Heartbeat).
 XLA_PHASES = ("cold", "steady")
 
@@ -185,7 +188,7 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
         row = crashed_row(beats, f"timed out after {args.timeout:.0f}s", now)
         row["timed_out"] = True
     elif code != 0 and "error" not in row:
-        last = tail.splitlines()[-1] if tail else ""
+        last = _GLOG_PREFIX.sub("", tail.splitlines()[-1]) if tail else ""
         how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
         row = crashed_row(beats, f"worker {how}: {last}".rstrip(": "), now)
     row.update(variant=job.variant, new_tokens=job.new_tokens)
@@ -205,7 +208,7 @@ def speedups(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"generate-warmed x{n}: xla_cache_patch.warmup() compiled {warmed.get('warmup_compiles')} "
                 f"graphs in {warmed.get('warmup_s', 0):.1f} s; the first call after it compiled "
-                f"{warmed.get('compiles')} graphs in {warmed.get('wall_s', 0):.1f} s."
+                f"{warmed.get('compiles')} graphs in {warmed.get('wall_s', 0):.2f} s."
             )
     for (variant, n), fast in by_key.items():
         stock = by_key.get(("generate-stock", n))
@@ -333,7 +336,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row.get("executions")),
                 _fmt(row.get("aliased_buffers")),
                 _fmt(row.get("tokens_match_cpu")),
-                _fmt(row.get("wall_s"), 1),
+                _fmt(row.get("wall_s"), 2),
                 _fmt(row.get("ms_per_token"), 1),
                 _fmt(row.get("decode_step_ms"), 2),
                 _fmt(row.get("host_overhead"), 1),
@@ -353,7 +356,8 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
     notes = [
         "compiles, executions, aliased KV buffers, wall s: the first (cold) call in a fresh process.",
         "ms/token: a second identical call's wall time over its new tokens (prefill included).",
-        "decode ms/step: XLA execution time of that call's graphs after the prefill, per step.",
+        "decode ms/step: XLA execution time of that call's graphs after the prefill, per step ('-' where a",
+        "step runs several graphs, as dynamo's do: they overlap, so ms/token is the measure there).",
         "host overhead x: ms/token over the call's XLA execution time per token (1.0: the host never waits).",
         "roofline ms/token: bytes a decode step must read (weights + KV cache at the average position)",
         "over the bandwidth of a large in-place add on the XLA device, measured in the same process.",

@@ -12,7 +12,7 @@ import sys
 import time
 
 from xla_cache_patch import __version__
-from xla_cache_patch.tools import bench, doctor
+from xla_cache_patch.tools import bench, doctor, profile
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
             "bench",
             help="stock vs patched generate and decode loop on XLA (one subprocess per measurement)",
             description="Prints a markdown table; every variant runs in its own process.",
+        )
+    )
+    profile.add_arguments(
+        sub.add_parser(
+            "profile",
+            help="where a decode step's time goes on XLA:CPU, op kind by op kind (XLA's own op events)",
+            description="Traces warm decode steps of a preset model and prints a markdown table.",
         )
     )
     warm = sub.add_parser(
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return doctor.run(args)
     if args.command == "warmup":
         return run_warmup(args)
+    if args.command == "profile":
+        return profile.run(args)
     return bench.run(args)
 
 
