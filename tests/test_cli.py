@@ -458,6 +458,22 @@ def test_presets_have_the_published_shapes(preset: str, cls: str, shape: tuple[i
     assert (*got, config.num_key_value_heads, config.vocab_size) == shape
 
 
+def test_load_model_takes_nothing_a_preset_or_a_local_checkpoint(tmp_path: Path) -> None:
+    """The one model loader behind bench, warmup and profile."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from xla_cache_patch.tools import tiny
+
+    default = tiny.load_model()
+    assert default.config.hidden_size == tiny.DEFAULT_HIDDEN and not default.training
+    assert tiny.load_model("smollm2-135m").config.num_hidden_layers == 30
+    default.save_pretrained(tmp_path)
+    loaded = tiny.load_model(str(tmp_path))
+    assert not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), loaded.parameters(), strict=True))
+
+
 def test_bench_accepts_a_preset_and_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--model", "not-a-preset-nor-a-dir", "--variants", "loop-stock"]) == 2
     err = capsys.readouterr().err

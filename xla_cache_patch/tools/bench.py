@@ -199,8 +199,9 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[str]:
-    """Cold generate-patched against generate-stock at the same length; a crashed stock row is a lower
-    bound on its time, so the speed-up is too ("at least")."""
+    """The lines printed under the table: what warm-up bought (generate-warmed rows), and cold
+    generate-patched against generate-stock at the same length, also stored in the patched row
+    (``cold_speedup``). A crashed stock row is a lower bound on its time, so the speed-up is too."""
     lines = []
     by_key = {_key(r): r for r in rows}
     for (variant, n), warmed in by_key.items():

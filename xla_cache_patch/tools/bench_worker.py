@@ -103,18 +103,13 @@ class Heartbeat:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    """The tiny default, or a local checkpoint (``local_files_only``: the bench never downloads)."""
+    """The tiny default (sized by --layers/--hidden), a preset, or a local checkpoint, in float32."""
     if not args.model:
         # SPMD splits the cache on kv heads: give every head its own K/V (4 of them) so 4 devices can.
         kv_heads = tiny.NUM_HEADS if args.spmd else tiny.NUM_KV_HEADS
         return tiny.tiny_model(args.layers, args.hidden, kv_heads=kv_heads)
-    if args.model in tiny.PRESETS:
-        return tiny.preset_model(args.model)
-    from transformers import AutoModelForCausalLM
-
     # float32 after loading: the dtype keyword changed name across releases (torch_dtype -> dtype).
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
-    return model.float().eval()
+    return tiny.load_model(args.model).float()
 
 
 def _fixed_length(model: Any) -> None:
@@ -299,7 +294,7 @@ def _environment(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _decode_step_ms(new_tokens: int) -> float | None:
     """XLA execution time per decode step since the metrics were cleared: every graph run after the
-    first (the prefill) over the steps after it. A step of several graphs (dynamo) counts them all."""
+    first (the prefill) over the steps after it. Meaningful where a step is one graph."""
     import torch_xla.debug.metrics as met
 
     samples = [v for name in metrics.EXECUTE_METRICS for _, v in (met.metric_data(name) or (0, 0, []))[2]]

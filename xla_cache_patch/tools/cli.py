@@ -72,15 +72,7 @@ def run_warmup(args: argparse.Namespace) -> int:
     from xla_cache_patch.tools import tiny
 
     xla_cache_patch.apply(compile_cache=args.compile_cache)
-    if args.model in tiny.PRESETS:
-        model = tiny.preset_model(args.model)
-    elif args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-    else:
-        model = tiny.tiny_model()
-    model = model.to(torch_xla.device())
+    model = tiny.load_model(args.model).to(torch_xla.device())
     lengths, batches = _ints(args.prompt_lengths), _ints(args.batch_sizes)
     start = time.perf_counter()
     compiled = xla_cache_patch.warmup(

@@ -95,7 +95,11 @@ def op_times(xspace: bytes, thread: str = "XLAEigen") -> tuple[collections.Count
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default="smollm2-135m", help="a preset (smollm2-135m, qwen2.5-0.5b) or 'tiny'")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a preset (smollm2-135m, qwen2.5-0.5b), 'tiny', or a local checkpoint",
+    )
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--cache-len", type=int, default=None, help="KV cache slots (default: prompt + steps)")
@@ -131,11 +135,13 @@ def run(args: argparse.Namespace) -> int:
     from xla_cache_patch.tools import tiny
 
     if xr.device_type() != "CPU":
-        print(f"xla-cache-patch profile reads XLA:CPU's op events; this device is {xr.device_type()}")
+        print(
+            f"xla-cache-patch profile reads XLA:CPU's op events; this device is {xr.device_type()}",
+            file=sys.stderr,
+        )
         return 2
     xla_cache_patch.apply()
-    model = tiny.tiny_model() if args.model == "tiny" else tiny.preset_model(args.model)
-    model = model.to(torch_xla.device())
+    model = tiny.load_model(None if args.model == "tiny" else args.model).to(torch_xla.device())
     ids = tiny.prompt_ids(model.config.vocab_size, 8).repeat(args.batch, 1)
 
     def steps() -> None:

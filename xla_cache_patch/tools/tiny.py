@@ -109,6 +109,18 @@ def preset_model(name: str, seed: int = DEFAULT_SEED) -> Any:
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
 
 
+def load_model(name: str | None = None) -> Any:
+    """The model a command names: None for the tiny Llama, a preset (PRESETS), or a local checkpoint
+    directory (``local_files_only``: the tools never download), in eval mode."""
+    if name is None:
+        return tiny_model()
+    if name in PRESETS:
+        return preset_model(name)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name, local_files_only=True).eval()
+
+
 def tiny_model(
     layers: int = DEFAULT_LAYERS,
     hidden: int = DEFAULT_HIDDEN,
