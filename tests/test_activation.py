@@ -43,10 +43,10 @@ STARTUP = {{
     "wrapt": "wrapt" in sys.modules,
 }}
 calls = []
-def _on_imported(module, mode, strict=False, generate=True):
+def _install_for(module, request):
     if module.__name__ != "transformers.cache_utils":
         return
-    calls.append(dict(mode=mode, strict=strict))
+    calls.append(dict(mode=request.mode, strict=request.strict))
     if os.environ.get("STUB_RAISES") == "runtime":
         raise RuntimeError("boom from the stub registry")
     if os.environ.get("STUB_RAISES") == "unsupported":
@@ -54,7 +54,7 @@ def _on_imported(module, mode, strict=False, generate=True):
         raise UnsupportedVersionError("stub says unsupported")
     return True
 _stub = types.ModuleType("xla_cache_patch.registry")
-_stub.on_imported = _on_imported
+_stub.install_for = _install_for
 sys.modules["xla_cache_patch.registry"] = _stub
 def report(**extra):
     print(json.dumps({{"startup": STARTUP, "calls": calls, **extra}}))
@@ -198,6 +198,30 @@ def test_request_from_env_defaults_strict_and_veto() -> None:
     assert on == activation.Request("functional", True, "XLA_CACHE_PATCH")
     # An explicit "off" vetoes even the auto import's default.
     assert activation.request_from_env({"XLA_CACHE_PATCH": "off"}, default="inplace") is None
+
+
+def test_the_environment_sets_every_option_of_apply() -> None:
+    env = {
+        "XLA_CACHE_PATCH": "functional",
+        "XLA_CACHE_PATCH_GENERATE": "explicit",
+        "XLA_CACHE_PATCH_PROMPT_BUCKETS": "16, 64",
+        "XLA_CACHE_PATCH_CACHE_BUCKETS": "128",
+        "XLA_CACHE_PATCH_COMPILE_CACHE": "/tmp/xla-cache",
+    }
+    request = activation.request_from_env(env)
+    assert request == activation.Request(
+        "functional", False, "XLA_CACHE_PATCH", "explicit", (16, 64), (128,), "/tmp/xla-cache"
+    )
+    assert (
+        activation.request_from_env({"XLA_CACHE_PATCH": "1", "XLA_CACHE_PATCH_GENERATE": "0"}).generate
+        is False
+    )
+    with pytest.warns(UserWarning, match="XLA_CACHE_PATCH_GENERATE='sometimes'"):
+        odd = activation.request_from_env({"XLA_CACHE_PATCH": "1", "XLA_CACHE_PATCH_GENERATE": "sometimes"})
+    assert odd is not None and odd.generate is True
+    with pytest.warns(UserWarning, match="XLA_CACHE_PATCH_PROMPT_BUCKETS='16,x'"):
+        odd = activation.request_from_env({"XLA_CACHE_PATCH": "1", "XLA_CACHE_PATCH_PROMPT_BUCKETS": "16,x"})
+    assert odd is not None and odd.prompt_buckets is None
 
 
 def test_bad_strict_value_warns_and_means_not_strict() -> None:

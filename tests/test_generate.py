@@ -180,7 +180,7 @@ def _tiny_cpu_model() -> Any:
 
 
 def test_buckets() -> None:
-    from xla_cache_patch.fastgen.plan import cache_bucket, prompt_bucket
+    from xla_cache_patch.fastgen.buckets import cache_bucket, prompt_bucket
 
     assert [prompt_bucket(n) for n in (1, 8, 16, 17, 100)] == [16, 16, 16, 32, 128]
     assert [cache_bucket(n) for n in (24, 144, 1024, 1025, 1600)] == [32, 256, 1024, 1536, 2048]
@@ -222,8 +222,9 @@ def test_plan_reasons_on_cpu_model() -> None:
     from xla_cache_patch import fastgen
 
     model = _tiny_cpu_model()
-    reason = fastgen.decide(model, (torch.tensor([[1, 2]]),), {"cache_implementation": "static"})
-    assert isinstance(reason, str) and "XLA" in reason
+    decision = fastgen.decide(model, (torch.tensor([[1, 2]]),), {"cache_implementation": "static"})
+    assert not decision.fast and decision.plan is None
+    assert decision.key is not None and "XLA" in decision.message
 
 
 def test_function_form_falls_back_to_the_original_generate() -> None:
@@ -291,7 +292,7 @@ def test_warmup_compiles_every_bucket_ahead() -> None:
 
 
 def test_buckets_are_inspectable_and_settable() -> None:
-    import xla_cache_patch.fastgen.plan as plan
+    import xla_cache_patch.fastgen.buckets as plan
     from xla_cache_patch.fastgen.warmup import shapes
 
     assert plan.buckets(7, 20) == (16, 64) and plan.buckets(12, 9) == (16, 32)
@@ -305,3 +306,18 @@ def test_buckets_are_inspectable_and_settable() -> None:
     finally:
         plan.set_buckets()
     assert plan.buckets(7, 20) == (16, 64)
+
+
+def test_patched_block_puts_the_buckets_back() -> None:
+    """Bucket sizes chosen inside ``with patched(prompt_buckets=...)`` do not leak out of the block."""
+    import xla_cache_patch
+    from xla_cache_patch.fastgen import buckets
+
+    assert buckets.buckets(7, 20) == (16, 64)
+    with xla_cache_patch.patched(prompt_buckets=[24], cache_buckets=[100]):
+        assert buckets.buckets(7, 20) == (24, 100)
+        with xla_cache_patch.patched(prompt_buckets=[12]):
+            assert buckets.buckets(7, 20) == (12, 32)  # cache_buckets=None: the default rule
+        assert buckets.buckets(7, 20) == (24, 100)
+    assert buckets.buckets(7, 20) == (16, 64)
+    assert not xla_cache_patch.is_applied()

@@ -53,7 +53,7 @@ ORDERS: dict[str, str] = {
     "import-generation.utils": "import transformers.generation.utils",
     "import-cache_utils": "import transformers.cache_utils",
 }
-WAYS = ("env", "auto", "apply", "apply-first", "pytest")
+WAYS = ("env", "env-explicit", "auto", "apply", "apply-first", "pytest")
 # One negative case per family, each with the first import order.
 OFF_WAYS = ("env-off", "auto-off", "apply-off", "pytest-off")
 OFF_ORDER = "from-AutoModelForCausalLM"
@@ -78,6 +78,7 @@ _R = {"errors": {}, "notes": []}
 
 def _checks():
     import inspect
+    import os
 
     import transformers
     import xla_cache_patch
@@ -105,6 +106,9 @@ def _checks():
     if not _R["has_generate_reason"]:
         _R["notes"].append("Status.generate_reason missing")
     _R["left_alone"] = list(status.left_alone)
+    config = getattr(registry, "_config", None)
+    _R["policy"] = getattr(config, "generate", None)
+    _R["expected_policy"] = "explicit" if os.environ.get("XLA_CACHE_PATCH_GENERATE") == "explicit" else True
 
 
 def _report():
@@ -133,7 +137,7 @@ def _stages(way: str, line: str) -> list[tuple[str, str]]:
         return [("apply", APPLY), *import_line]
     if way == "apply-off":  # the package imported, apply() never called
         return [("apply", "import xla_cache_patch\n"), *import_line]
-    return import_line  # env, env-off: no xla_cache_patch code before the import
+    return import_line  # env, env-explicit, env-off: no xla_cache_patch code before the import
 
 
 def script_source(way: str, line: str) -> str:
@@ -177,7 +181,10 @@ def child_env(era: Era, way: str) -> dict[str, str]:
     """XLA_CACHE_PATCH is 1 for ``env``, absent for ``auto`` (0 would veto it), 0 for every other way."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
     env["PJRT_DEVICE"] = "CPU"
-    env["XLA_CACHE_PATCH"] = "1" if way == "env" else "0"
+    env["XLA_CACHE_PATCH"] = "1" if way.startswith("env") and way != "env-off" else "0"
+    env.pop("XLA_CACHE_PATCH_GENERATE", None)
+    if way == "env-explicit":  # the generate policy from the environment too
+        env["XLA_CACHE_PATCH_GENERATE"] = "explicit"
     if way == "auto":
         del env["XLA_CACHE_PATCH"]
     # The parent's own path stays after ours: under scripts/era_matrix.py "installed" is that era's folder.
@@ -270,6 +277,8 @@ def problems_on(report: dict[str, Any]) -> list[str]:
         problems.append(f"status().applied={report['applied']} (reason: {report['reason']!r})")
     if report["generate"] is True and report["generate_reason"] is not None:
         problems.append(f"status().generate_reason={report['generate_reason']!r} though generate is on")
+    if report.get("policy") != report.get("expected_policy"):
+        problems.append(f"generate policy {report.get('policy')!r}, expected {report.get('expected_policy')!r}")
     if report.get("apply_returned", True) is not True:
         problems.append(f"apply() returned {report['apply_returned']!r}")
     return problems

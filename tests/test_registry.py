@@ -166,7 +166,7 @@ def test_inherited_target_is_deleted_again():
     entry = integrations.resolve(module, "Child.update", impl=lambda mode, opts, wrapped, self, *a: "ours")
     wrapper, holder = integrations.wrap(entry, registry.CACHE.call(entry))
     Child.update = wrapper
-    holder.slot = registry._Slot("inplace")
+    holder.config = registry._Config("inplace")
     assert Child().update(1, 2) == "ours"
     registry._restore([registry._Installed(entry, wrapper, holder, placed=True)])
     assert "update" not in vars(Child) and Child.update is Base.update
@@ -279,7 +279,7 @@ def test_other_wrapper_on_generate_survives_apply_unapply_cycles():
         assert xla_cache_patch.apply()
         assert xla_cache_patch.status().generate
         ours = vars(GenerationMixin)["generate"].__wrapped__
-        assert registry.is_ours(ours) and integrations.holder_of(ours).slot is not None  # re-armed
+        assert registry.is_ours(ours) and integrations.holder_of(ours).config is not None  # re-armed
         call()
         xla_cache_patch.unapply()
         call()
@@ -317,3 +317,27 @@ def test_apply_in_code_wins_over_the_start_up_request() -> None:
         env={**__import__("os").environ, "XLA_CACHE_PATCH": "1"},
     )
     assert proc.returncode == 0 and "code wins" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_status_of_a_request_waiting_for_transformers() -> None:
+    """Under ``pytest --xla-cache-patch`` (or XLA_CACHE_PATCH=1) before transformers is imported, status()
+    says the patch is requested and when it lands, and imports nothing to find out."""
+    code = textwrap.dedent("""
+        import sys
+        from xla_cache_patch import activation
+        import xla_cache_patch
+        activation.activate("functional", source="--xla-cache-patch")
+        st = xla_cache_patch.status()
+        assert "transformers.cache_utils" not in sys.modules, "status() imported transformers"
+        assert not st.applied and st.requested == "--xla-cache-patch", st
+        assert "requested by --xla-cache-patch (mode=functional)" in st.reason, st.reason
+        assert "lands when transformers.cache_utils is imported" in st.reason, st.reason
+        assert "lands when transformers.generation.utils is imported" in st.generate_reason, st
+        import transformers.cache_utils
+        st = xla_cache_patch.status()
+        assert st.applied and st.mode == "functional" and st.reason is None, st
+        print("pending ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("XLA_CACHE_PATCH")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "pending ok" in proc.stdout, proc.stderr[-2000:]

@@ -18,7 +18,7 @@ from xla_cache_patch.errors import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from xla_cache_patch.fastgen import generate
-    from xla_cache_patch.fastgen.plan import buckets
+    from xla_cache_patch.fastgen.buckets import buckets
     from xla_cache_patch.fastgen.warmup import warmup
     from xla_cache_patch.metrics import count_compiles
     from xla_cache_patch.registry import Status, apply, is_applied, is_ours, patched, status, unapply
@@ -56,16 +56,36 @@ _LAZY = {
     "count_compiles": "metrics",
     "generate": "fastgen",
     "warmup": "fastgen.warmup",
-    "buckets": "fastgen.plan",
+    "buckets": "fastgen.buckets",
 }
 
 
+# Subpackages and modules reachable as attributes after a bare ``import xla_cache_patch``
+# (``xla_cache_patch.tools.tiny.tiny_model()``), each imported on first use.
+_SUBMODULES = frozenset(
+    {
+        "activation",
+        "compat",
+        "errors",
+        "fastgen",
+        "integrations",
+        "metrics",
+        "registry",
+        "settings",
+        "spmd",
+        "tools",
+    }
+)
+
+
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"xla_cache_patch.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'xla_cache_patch' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"xla_cache_patch.{module}"), name)
     globals()[name] = value
     return value

@@ -3,14 +3,12 @@
 For interpreters where the ``.pth`` start-up hook does not run (``python -S`` or ``-I``, embedded or
 frozen apps, read-only site-packages). Importing this module asks for the patch; it is applied
 when ``transformers.cache_utils`` is imported, or at once if it already is. ``XLA_CACHE_PATCH`` still
-chooses the mode (``functional``) and can veto the patch (``0``/``false``/``off``);
-``XLA_CACHE_PATCH_STRICT=1`` makes an unsupported transformers an error.
+chooses the mode (``functional``) and can veto the patch (``0``/``false``/``off``); the other
+``XLA_CACHE_PATCH_*`` variables set the other options of ``apply()`` (docs/activation.md).
 """
 
 from __future__ import annotations
 
-from xla_cache_patch.activation import activate, request_from_env
+from xla_cache_patch.activation import startup
 
-request = request_from_env(default="inplace", source="import xla_cache_patch.auto")
-if request is not None:
-    activate(request.mode, strict=request.strict, source=request.source)
+startup(default="inplace", source="import xla_cache_patch.auto")

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from xla_cache_patch import compat
+from xla_cache_patch import compat, settings
 from xla_cache_patch.errors import UnsupportedVersionError, XlaCachePatchWarning
 from xla_cache_patch.integrations import (
     MISSING,
     Entry,
     Holder,
     Integration,
-    Plan,
+    WrapPlan,
     holder_of,
     initializing,
     wrap,
@@ -37,13 +37,22 @@ from xla_cache_patch.integrations import (
 from xla_cache_patch.integrations import is_ours as is_ours
 from xla_cache_patch.integrations.cache import CacheIntegration
 from xla_cache_patch.integrations.generate import GenerateIntegration
+from xla_cache_patch.settings import GENERATE_POLICIES, MODES, Request
+
+__all__ = [
+    "GENERATE_POLICIES",
+    "MODES",
+    "Status",
+    "apply",
+    "is_applied",
+    "is_ours",
+    "patched",
+    "status",
+    "unapply",
+]
 
 log = logging.getLogger("xla_cache_patch")
 
-from xla_cache_patch.activation import MODES  # noqa: E402
-
-GENERATE_POLICIES = (True, False, "explicit")
-COMPILE_CACHE_ENV = "XLA_CACHE_PATCH_COMPILE_CACHE"
 CACHE = CacheIntegration()
 GENERATE = GenerateIntegration()
 INTEGRATIONS: tuple[Integration, ...] = (CACHE, GENERATE)
@@ -63,11 +72,12 @@ class Status:
     left_alone: tuple[str, ...] = ()
     generate: bool = False  # the generate fast path is installed now
     generate_reason: str | None = None  # why it is not
+    requested: str | None = None  # who asked for the patch in force (None: nobody)
 
 
 @dataclass
-class _Slot:
-    """Read by every armed wrapper: switching mode is one write."""
+class _Config:
+    """What every armed wrapper reads: switching mode is one write."""
 
     mode: str
     generate: bool | str = True  # True: fast path by default on XLA; "explicit": only for a static cache
@@ -81,20 +91,11 @@ class _Installed:
     placed: bool  # we set the attribute (False: re-armed a wrapper of ours under someone else's)
 
 
-@dataclass(frozen=True)
-class _Request:
-    mode: str
-    strict: bool
-    generate: bool | str
-
-
 _lock = threading.RLock()
 _installed: dict[str, list[_Installed]] = {}
 _reasons: dict[str, str] = {}
 _eras: dict[str, str | None] = {}
-_slot: _Slot | None = None
-_request: _Request | None = None
-_explicit = False  # the standing request came from apply(): code wins over a start-up request
+_config: _Config | None = None
 
 
 def transformers_version() -> str | None:
@@ -121,21 +122,21 @@ def _wanted(generate: bool | str) -> tuple[Integration, ...]:
 # --- installing one integration -----------------------------------------------------------------
 
 
-def _plan(integration: Integration, module: ModuleType, mode: str) -> Plan:
+def _plan(integration: Integration, module: ModuleType, mode: str) -> WrapPlan:
     problem = _version_problem() or integration.missing()
     if problem is not None:
-        return Plan(reason=problem)
+        return WrapPlan(reason=problem)
     plan = integration.plan(module, mode)
     if plan.reason is not None:
         plan.reason = f"transformers {transformers_version()}: {plan.reason}"
     return plan
 
 
-def _install(integration: Integration, module: ModuleType, request: _Request) -> str | None:
+def _install(integration: Integration, module: ModuleType, mode: str) -> str | None:
     """Install ``integration`` on the imported ``module``; returns why not, or None. Caller holds the lock."""
     if integration.name in _installed:
         return None
-    plan = _plan(integration, module, request.mode)
+    plan = _plan(integration, module, mode)
     _eras[integration.name] = plan.era
     if plan.reason is not None:
         _reasons[integration.name] = plan.reason
@@ -153,7 +154,7 @@ def _install(integration: Integration, module: ModuleType, request: _Request) ->
         _restore(done)  # all or none
         raise
     for item in done:
-        item.holder.slot = _slot
+        item.holder.config = _config
     _installed[integration.name] = done
     _reasons.pop(integration.name, None)
     log.debug("installed %s (%s): %s", integration.name, plan.era, [e.name for e in plan.entries])
@@ -164,7 +165,7 @@ def _restore(done: list[_Installed]) -> list[str]:
     """Disarm and put back every saved attribute; return the names someone else wrapped on top of ours."""
     layered = []
     for item in reversed(done):
-        item.holder.slot = None
+        item.holder.config = None
         entry = item.entry
         if not item.placed:
             continue
@@ -182,30 +183,69 @@ def _ready_module(integration: Integration) -> ModuleType | None:
     return None if module is None or initializing(module) else module
 
 
-def on_imported(module: ModuleType, mode: str, strict: bool = False, generate: bool | str = True) -> None:
-    """Post-import hook body (``activation``): install the integration of ``module``, which has just
-    finished importing, as the standing request asks."""
-    global _request, _slot
-    integration = next((i for i in INTEGRATIONS if i.module == module.__name__), None)
-    request = _Request(mode, strict, generate)
+def _uninstall(integration: Integration) -> list[str]:
+    return _restore(_installed.pop(integration.name, []))
+
+
+def _uninstall_all() -> list[str]:
+    global _config
+    layered = [name for integration in INTEGRATIONS for name in _uninstall(integration)]
+    _config = None
+    _reasons.clear()
+    return layered
+
+
+def _same_targets(mode: str) -> bool:
+    if _config is None or _config.mode == mode:
+        return True
+    adapter = compat.by_name(_eras.get(CACHE.name) or "")
+    return adapter is not None and adapter.targets_for(mode) == adapter.targets_for(_config.mode)
+
+
+def _enforce(request: Request, imported: ModuleType | None = None) -> list[tuple[Integration, str]]:
+    """Make what is installed match ``request`` for every module imported by now; returns what could not be
+    installed, with why. ``imported`` is a module whose post-import hook is running (still marked as
+    initializing, but complete)."""
+    global _config
+    reports: list[tuple[Integration, str]] = []
+    layered: list[str] = []
     with _lock:
-        if _explicit and _request is not None:
-            request = _request  # apply() in the program's code asked for something else: it stands
-            mode, strict, generate = request.mode, request.strict, request.generate
-    if integration is None or integration not in _wanted(generate):
-        return
-    with _lock:
-        if _installed and _request is not None and _request.mode != mode and not _same_targets(mode):
-            return  # apply() chose another mode with other targets since: it stays
-        _request = request
-        if _slot is None:
-            _slot = _Slot(mode, generate)
-        _slot.mode, _slot.generate = mode, generate
-        reason = _install(integration, module, request)
-    if reason is not None:
-        _report(integration, reason, request.strict)
-    elif integration is GENERATE:
-        start_compile_cache()  # XLA_CACHE_PATCH_COMPILE_CACHE with the start-up activation
+        if _installed and not _same_targets(request.mode):
+            layered = _uninstall_all()  # other functions to wrap: start again
+        if not request.generate and GENERATE.name in _installed:
+            layered += _uninstall(GENERATE)
+        if _config is None:
+            _config = _Config(request.mode, request.generate)
+        _config.mode, _config.generate = request.mode, request.generate
+        for integration in _wanted(request.generate):
+            if imported is not None and imported.__name__ == integration.module:
+                module: ModuleType | None = imported
+            else:
+                module = _ready_module(integration)
+            if module is None:
+                if integration.name not in _installed:
+                    _reasons[integration.name] = f"{integration.module} is not imported yet"
+                continue
+            reason = _install(integration, module, request.mode)
+            if reason is not None:
+                reports.append((integration, reason))
+            elif integration is GENERATE:
+                _configure_fastgen(request)
+    _warn_layered(layered)
+    return reports
+
+
+def _configure_fastgen(request: Request) -> None:
+    """Forward the options the fast path owns (buckets, compile cache) to it."""
+    if request.prompt_buckets is not None or request.cache_buckets is not None:
+        from xla_cache_patch.fastgen import buckets
+
+        buckets.set_buckets(request.prompt_buckets, request.cache_buckets)
+    folder = request.compile_cache or os.environ.get(settings.COMPILE_CACHE_ENV_VAR) or None
+    if folder is not None:
+        from xla_cache_patch.fastgen import compile_cache
+
+        compile_cache.start(folder)
 
 
 def _report(integration: Integration, reason: str, strict: bool) -> None:
@@ -216,6 +256,24 @@ def _report(integration: Integration, reason: str, strict: bool) -> None:
         return
     what = "xla_cache_patch not applied" if integration is CACHE else "xla_cache_patch: generate not wrapped"
     warnings.warn(f"{what}: {reason}", XlaCachePatchWarning, stacklevel=3)
+
+
+def _warn_layered(layered: list[str]) -> None:
+    if layered:
+        warnings.warn(
+            "xla_cache_patch: another wrapper was installed on top of ours for "
+            f"{layered}; it stays, and ours inside it now passes every call through",
+            XlaCachePatchWarning,
+            stacklevel=3,
+        )
+
+
+def install_for(module: ModuleType, request: Request) -> None:
+    """Install the integration of ``module``, which has just finished importing, as ``request`` asks
+    (called by ``hook.on_imported``)."""
+    for integration, reason in _enforce(request, imported=module):
+        if integration.module == module.__name__:
+            _report(integration, reason, request.strict)
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -239,79 +297,37 @@ def apply(
     and caches are rounded up to (one set of graphs each); ``compile_cache`` (or
     ``XLA_CACHE_PATCH_COMPILE_CACHE``) turns on torch_xla's persistent compilation cache in that folder.
     When the version is unsupported or the code has an unknown shape nothing is touched: a warning and
-    False, or ``UnsupportedVersionError`` with ``strict=True``.
+    False, or ``UnsupportedVersionError`` with ``strict=True``. A request made here stands over one from
+    the environment: hooks that fire later install what this call asked for.
     """
-    global _request, _slot, _explicit
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if generate not in GENERATE_POLICIES:
-        raise ValueError(f"generate must be True, False or 'explicit', got {generate!r}")
-    _import_modules(generate)
-    if prompt_buckets is not None or cache_buckets is not None:
-        from xla_cache_patch.fastgen.plan import set_buckets
+    settings.check_apply_args(mode, generate)
+    from xla_cache_patch.fastgen.buckets import _sizes  # validated before anything changes
 
-        set_buckets(prompt_buckets, cache_buckets)
-    start_compile_cache(compile_cache)
-    reports: list[tuple[Integration, str]] = []
-    with _lock:
-        request = _Request(mode, strict, generate)
-        if _installed and not _same_targets(mode):
-            unapply()
-        if not generate and GENERATE.name in _installed:
-            _uninstall(GENERATE)
-        _request, _explicit = request, True
-        if _slot is None:
-            _slot = _Slot(mode, generate)
-        _slot.mode, _slot.generate = mode, generate
-        for integration in _wanted(generate):
-            module = _ready_module(integration)
-            if module is None:
-                reason = f"{integration.module} is not imported yet, or still being imported"
-                if integration.name not in _installed:
-                    _reasons[integration.name] = reason
-                continue
-            reason = _install(integration, module, request)
-            if reason is not None:
-                reports.append((integration, reason))
-        applied = CACHE.name in _installed
+    request = Request(
+        mode=mode,
+        strict=strict,
+        source=settings.CODE_SOURCE,
+        generate=generate,
+        prompt_buckets=None if prompt_buckets is None else _sizes(prompt_buckets, "prompt_buckets"),
+        cache_buckets=None if cache_buckets is None else _sizes(cache_buckets, "cache_buckets"),
+        compile_cache=None if compile_cache is None else os.fspath(compile_cache),
+    )
+    return _apply(request)
+
+
+def _apply(request: Request) -> bool:
+    settings.replace_standing(request)
+    _import_modules(request.generate)  # their post-import hooks install as ``request`` asks
+    if request.prompt_buckets is not None or request.cache_buckets is not None or request.compile_cache:
+        _configure_fastgen(request)  # also when generate is not wrapped: fastgen.generate() reads them
+    reports = _enforce(request)
     for integration, reason in reports:
-        _report(integration, reason, strict)
-    return applied
-
-
-_compile_cache: str | None = None
-
-
-def start_compile_cache(directory: str | os.PathLike[str] | None = None) -> str | None:
-    """torch_xla's persistent compilation cache in ``directory`` (or ``XLA_CACHE_PATCH_COMPILE_CACHE``).
-
-    Once per process, before the first compilation. On XLA:CPU (torch_xla 2.9) a later process cannot
-    load what was written (``PersistentCacheDeserializeFailure``) and compiles again; on TPU it is how a
-    new process skips compilation. Returns the folder in use, or None.
-    """
-    global _compile_cache
-    directory = directory or os.environ.get(COMPILE_CACHE_ENV) or None
-    if directory is None or _compile_cache is not None or GENERATE.missing() is not None:
-        return _compile_cache
-    try:
-        import torch_xla.runtime as xr
-
-        xr.initialize_cache(os.fspath(directory), readonly=False)
-    except Exception as exc:  # already initialized, or computations ran first
-        warnings.warn(
-            f"xla_cache_patch: the persistent compilation cache in {os.fspath(directory)!r} was not turned "
-            f"on ({type(exc).__name__}: {exc}); set it before the first XLA computation",
-            XlaCachePatchWarning,
-            stacklevel=3,
-        )
-        return None
-    _compile_cache = os.fspath(directory)
-    return _compile_cache
+        _report(integration, reason, request.strict)
+    return is_applied()
 
 
 def _import_modules(generate: bool | str) -> None:
-    """Import what ``apply`` patches before taking the lock: a start-up hook (``XLA_CACHE_PATCH``) fires
-    inside these imports and installs first, so this call only sees it. Never from inside a hook."""
+    """Import what ``apply`` patches, outside the lock (never from inside a hook)."""
     if _version_problem() is not None:
         return
     for integration in _wanted(generate):
@@ -323,39 +339,19 @@ def _import_modules(generate: bool | str) -> None:
             return
 
 
-def _same_targets(mode: str) -> bool:
-    if _slot is None or _slot.mode == mode:
-        return True
-    adapter = compat.by_name(_eras.get(CACHE.name) or "")
-    return adapter is not None and adapter.targets_for(mode) == adapter.targets_for(_slot.mode)
-
-
-def _uninstall(integration: Integration) -> list[str]:
-    return _restore(_installed.pop(integration.name, []))
-
-
 def unapply() -> bool:
-    """Undo ``apply``; True when something was undone. Idempotent.
+    """Undo ``apply`` (and withdraw any standing request); True when something was undone. Idempotent.
 
     When another library wrapped a patched attribute after us, its wrapper stays in place (removing it
     would break that library); ours inside it passes every call through until the next ``apply``.
     """
-    global _slot, _request, _explicit
+    settings.replace_standing(None)
     with _lock:
-        _request, _explicit = None, False
         if not _installed:
-            _slot = None
+            _uninstall_all()
             return False
-        layered = [name for integration in INTEGRATIONS for name in _uninstall(integration)]
-        _slot = None
-        _reasons.clear()
-    if layered:
-        warnings.warn(
-            "xla_cache_patch: another wrapper was installed on top of ours for "
-            f"{layered}; it stays, and ours inside it now passes every call through",
-            XlaCachePatchWarning,
-            stacklevel=2,
-        )
+        layered = _uninstall_all()
+    _warn_layered(layered)
     return True
 
 
@@ -367,33 +363,58 @@ def _targets(name: str) -> tuple[str, ...]:
     return tuple(item.entry.name for item in _installed.get(name, ()))
 
 
+def _pending(request: Request | None) -> str | None:
+    """Why a standing request has not landed yet, or None."""
+    if request is None or CACHE.module in sys.modules:
+        return None
+    return f"requested by {request.source} (mode={request.mode}); it lands when {CACHE.module} is imported"
+
+
 def status(mode: str | None = None) -> Status:
-    """What is installed now; when the cache patch is not, what ``apply(mode=...)`` would do."""
+    """What is installed now; when the cache patch is not, what ``apply(mode=...)`` would do.
+
+    While a request waits for transformers to be imported, it says so (and imports nothing).
+    """
+    request = settings.standing()
+    source = None if request is None else request.source
     with _lock:
         generate = GENERATE.name in _installed
-        generate_reason = None if generate else _generate_reason()
-        if CACHE.name in _installed and _slot is not None and mode in (None, _slot.mode):
+        generate_reason = None if generate else _generate_reason(request)
+        if CACHE.name in _installed and _config is not None and mode in (None, _config.mode):
             module = sys.modules[CACHE.module]
             adapter = compat.detect(module)
-            plan = CACHE.plan(module, _slot.mode)
+            plan = CACHE.plan(module, _config.mode)
             return Status(
                 transformers_version=transformers_version(),
                 era=adapter.name if adapter else None,
                 targets=_targets(CACHE.name),
                 applied=True,
-                mode=_slot.mode,
+                mode=_config.mode,
                 reason=None,
                 left_alone=plan.left_alone,
                 generate=generate,
                 generate_reason=generate_reason,
+                requested=source,
             )
+    pending = _pending(request)
+    if pending is not None:
+        return Status(
+            transformers_version(),
+            None,
+            (),
+            False,
+            None,
+            pending,
+            generate_reason=generate_reason,
+            requested=source,
+        )
     try:
         module = importlib.import_module(CACHE.module) if _version_problem() is None else None
     except Exception as exc:  # a broken install must not take status() down
         return Status(
             transformers_version(), None, (), False, None, f"importing {CACHE.module} failed: {exc!r}"
         )
-    plan = Plan(reason=_version_problem()) if module is None else _plan(CACHE, module, mode or "inplace")
+    plan = WrapPlan(reason=_version_problem()) if module is None else _plan(CACHE, module, mode or "inplace")
     return Status(
         transformers_version=transformers_version(),
         era=plan.era,
@@ -404,49 +425,57 @@ def status(mode: str | None = None) -> Status:
         left_alone=plan.left_alone,
         generate=generate,
         generate_reason=generate_reason,
+        requested=source,
     )
 
 
-def _generate_reason() -> str:
+def _generate_reason(request: Request | None) -> str:
     if GENERATE.name in _reasons:
         return _reasons[GENERATE.name]
-    if _request is None:
+    if request is None:
         return "not applied"
-    if not _request.generate:
-        return "apply(generate=False)"
-    return GENERATE.missing() or f"{GENERATE.module} is not imported yet"
+    if not request.generate:
+        return f"generate=False (requested by {request.source})"
+    missing = GENERATE.missing()
+    if missing is not None:
+        return missing
+    return f"requested by {request.source}; it lands when {GENERATE.module} is imported"
 
 
 class patched:
     """Apply for a block, a function or between ``start()`` and ``stop()``; nesting-safe.
 
-    Each exit puts back the state found at its entry: the outermost one unpatches, an inner one with
-    another mode switches the mode back.
+    Each exit puts back what its entry found: the standing request (the outermost exit unpatches), and the
+    bucket sizes.
     """
 
     def __init__(self, **apply_kwargs: Any) -> None:
         self.apply_kwargs = apply_kwargs
-        self._prior: list[_Request | None] = []
+        self._prior: list[tuple[Request | None, Any]] = []
 
     def start(self) -> bool:
-        _import_modules(self.apply_kwargs.get("generate", True))
+        from xla_cache_patch.fastgen import buckets
+
         with _lock:
-            self._prior.append(_request if is_applied() else None)
+            self._prior.append((settings.standing(), buckets.current()))
             try:
                 return apply(**self.apply_kwargs)
             except BaseException:
-                self._prior.pop()
+                self.stop()
                 raise
 
     def stop(self) -> None:
+        from xla_cache_patch.fastgen import buckets
+
         with _lock:
             if not self._prior:
                 return
-            prior = self._prior.pop()
-            if prior is None:
+            request, sizes = self._prior.pop()
+            if request is None:
                 unapply()
-            elif prior != _request:
-                apply(mode=prior.mode, strict=prior.strict, generate=prior.generate)
+            elif request != settings.standing() or not is_applied():
+                _apply(request)
+            buckets.use(sizes)
 
     def __enter__(self) -> Status:
         self.start()

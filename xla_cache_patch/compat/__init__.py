@@ -98,12 +98,60 @@ class Adapter:
     # Does a StaticCache built from a config with sliding-window layers window them (4.56+)? Before,
     # models whose generation config asks for a HybridCache need it.
     static_sliding: bool = False
+    # How its caches hold their state (compat._storage.LISTS / LAYERS); None: only what cache_buffers says.
+    storage: Any = None
     notes: str = ""
 
     def targets_for(self, mode: str) -> tuple[Target, ...]:
         if mode == "functional" and self.functional_targets is not None:
             return self.functional_targets
         return self.targets
+
+    # --- questions about a cache object, answered by the era's storage family ---------------------
+
+    def cache_capacity(self, cache: Any) -> int | None:
+        """Slots of the full-attention layers; None when every layer is a rolling sliding window."""
+        if self.storage is None:
+            buffers = self.cache_buffers(cache)
+            return int(buffers[0].shape[2]) if buffers else None
+        return self.storage.capacity(cache)
+
+    def cache_batch_size(self, cache: Any) -> int | None:
+        from xla_cache_patch.compat._storage import batch_size
+
+        return batch_size(cache, self.cache_buffers(cache))
+
+    def cache_state(self, cache: Any) -> list[Any]:
+        """Every device tensor the cache holds (buffers and device counters): what a decode step may
+        read and write, in a stable order."""
+        if self.storage is None:
+            return list(self.cache_buffers(cache))
+        from xla_cache_patch.compat._storage import device_tensors
+
+        return device_tensors(self.storage.owners(cache))
+
+    def cache_numbers(self, cache: Any) -> tuple[tuple[str, Any], ...]:
+        """The cache's Python numbers (a step that changes one cannot be replayed)."""
+        if self.storage is None:
+            return ()
+        from xla_cache_patch.compat._storage import python_numbers
+
+        return python_numbers(self.storage.owners(cache))
+
+    def has_rolling_window(self, cache: Any) -> bool:
+        """Does the cache have sliding-window layers whose content rolls (and so cannot be shifted)?"""
+        return self.storage is not None and self.storage.rolling(cache)
+
+    def left_alone_in(self, module: ModuleType) -> tuple[str, ...]:
+        """What this era's ``module`` has that the patch does not wrap, with why (for ``status()``)."""
+        found = [
+            f"{module.__name__}:{what} ({why})"
+            for what, why in self.left_alone
+            if isinstance(getattr(module, what.split(".")[0], None), type)
+        ]
+        if self.storage is not None:
+            found.extend(self.storage.overrides(module))
+        return tuple(found)
 
     def covers(self, version: str) -> bool:
         parsed = parse_version(version)

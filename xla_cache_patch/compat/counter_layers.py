@@ -23,6 +23,7 @@ from xla_cache_patch.compat._layers import (
     make_lazy_static_cache,
 )
 from xla_cache_patch.compat._ops import Options, Pair
+from xla_cache_patch.compat._storage import LAYERS
 
 
 def detect(module: ModuleType) -> bool:
@@ -73,6 +74,7 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_lazy_static_cache,
     cache_buffers=cache_buffers,
+    storage=LAYERS,
     static_sliding=True,
     set_length=set_length,
 )

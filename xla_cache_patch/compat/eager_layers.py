@@ -31,6 +31,7 @@ from xla_cache_patch.compat._ops import (
     window_prefill,
     window_write,
 )
+from xla_cache_patch.compat._storage import LAYERS
 
 _LAYER = ("key_states", "value_states", "cache_kwargs")
 
@@ -95,5 +96,6 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_static_cache,
     cache_buffers=cache_buffers,
+    storage=LAYERS,
     left_alone=(("ChunkedSlidingLayer", CHUNKED), ("OffloadedStaticCache", OFFLOADED)),
 )

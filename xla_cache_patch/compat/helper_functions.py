@@ -39,6 +39,7 @@ from xla_cache_patch.compat._ops import (
     window_prefill,
     window_write,
 )
+from xla_cache_patch.compat._storage import LISTS
 
 
 def detect(module: ModuleType) -> bool:
@@ -128,6 +129,7 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_static_cache,
     cache_buffers=cache_buffers,
+    storage=LISTS,
     left_alone=(
         ("OffloadedStaticCache", OFFLOADED),
         ("OffloadedHybridCache", OFFLOADED),

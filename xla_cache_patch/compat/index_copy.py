@@ -27,6 +27,7 @@ from xla_cache_patch.compat._lists import (
     make_static_cache,
     plain_list_era,
 )
+from xla_cache_patch.compat._storage import LISTS
 
 
 def detect(module: ModuleType) -> bool:
@@ -53,5 +54,6 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_static_cache,
     cache_buffers=cache_buffers,
+    storage=LISTS,
     left_alone=(("OffloadedStaticCache", OFFLOADED), ("HybridChunkedCache._sliding_update", CHUNKED)),
 )

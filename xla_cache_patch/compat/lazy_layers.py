@@ -37,6 +37,7 @@ from xla_cache_patch.compat._ops import (
     window_prefill,
     write,
 )
+from xla_cache_patch.compat._storage import LAYERS
 
 _LAYER = ("key_states", "value_states", "cache_kwargs")
 
@@ -97,6 +98,7 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_lazy_static_cache,
     cache_buffers=cache_buffers,
+    storage=LAYERS,
     static_sliding=True,
     left_alone=(("ChunkedSlidingLayer", "4.56: " + CHUNKED),),
 )

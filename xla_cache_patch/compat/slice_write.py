@@ -23,6 +23,7 @@ from xla_cache_patch.compat._lists import (
     make_static_cache,
     plain_list_era,
 )
+from xla_cache_patch.compat._storage import LISTS
 
 
 def detect(module: ModuleType) -> bool:
@@ -48,5 +49,6 @@ ADAPTER = Adapter(
     ),
     make_static_cache=make_static_cache,
     cache_buffers=cache_buffers,
+    storage=LISTS,
     notes="HybridCache.get_seq_length returns None in this era: left to transformers",
 )

@@ -15,10 +15,12 @@ step without re-tracing. Only ``loop`` and ``replay`` import torch_xla, and only
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from xla_cache_patch._frames import call_as_caller
@@ -34,7 +36,15 @@ from xla_cache_patch.fastgen.plan import (
     pop_own_kwargs,
 )
 
-__all__ = ["EOS_CHECK_KWARG", "REPLAY_KWARG", "decide", "generate", "generate_wrapper"]
+__all__ = [
+    "EOS_CHECK_KWARG",
+    "REPLAY_KWARG",
+    "Decision",
+    "decide",
+    "generate",
+    "generate_wrapper",
+    "recorded",
+]
 
 log = logging.getLogger("xla_cache_patch.fastgen")
 
@@ -47,12 +57,56 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def decide(
-    model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str = True
-) -> Plan | str:
-    """The fast-path plan for this call, or the reason it must fall back (for callers and tests)."""
+@dataclass(frozen=True)
+class Decision:
+    """Whether a ``generate`` call takes the fast path and, if not, why: for callers, tests and tools.
+
+    ``key`` names the reason (one WARNING per key per process), ``message`` says it, ``fix`` says what the
+    caller can change; ``plan`` is the fast path's plan when it is taken.
+    """
+
+    fast: bool
+    key: str | None = None
+    message: str | None = None
+    fix: str | None = None
+    plan: Plan | None = None
+
+    @classmethod
+    def fallback(cls, why: Fallback) -> Decision:
+        return cls(False, why.key, str(why), why.fix)
+
+    def __str__(self) -> str:
+        return "fast path" if self.fast else f"falls back: {self.message}"
+
+
+# Decisions of the generate calls made inside ``recorded()`` blocks of this thread / task.
+_RECORDED: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVar(
+    "xla_cache_patch_recorded", default=None
+)
+
+
+@contextlib.contextmanager
+def recorded() -> Iterator[list[Decision]]:
+    """Collect the :class:`Decision` of every ``generate`` call this thread makes in the block, in order
+    (a call whose fast path failed part-way records the fallback that answered it)."""
+    decisions: list[Decision] = []
+    token = _RECORDED.set(decisions)
+    try:
+        yield decisions
+    finally:
+        _RECORDED.reset(token)
+
+
+def _record(decision: Decision) -> None:
+    decisions = _RECORDED.get()
+    if decisions is not None:
+        decisions.append(decision)
+
+
+def decide(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str = True) -> Decision:
+    """Would this call take the fast path, and if not, why (nothing runs)."""
     result = _plan(model, args, kwargs, policy)
-    return str(result) if isinstance(result, Fallback) else result
+    return Decision.fallback(result) if isinstance(result, Fallback) else Decision(True, plan=result)
 
 
 def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: bool | str) -> Plan | Fallback:
@@ -77,6 +131,7 @@ def _fallback(
     wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], why: Fallback
 ) -> Any:
     log.debug("generate falls back to transformers: %s", why)
+    _record(Decision.fallback(why))
     if why.on_xla:
         _warn_once(why)
     token = _IN_FALLBACK.set(True)
@@ -147,7 +202,9 @@ def generate_wrapper(
     from xla_cache_patch.fastgen.loop import run  # imports torch_xla: only now that a call runs on XLA
 
     try:
-        return run(instance, result)
+        out = run(instance, result)
+        _record(Decision(True, plan=result))
+        return out
     except Exception as exc:
         if result.cache is not None:
             raise  # the user's cache may hold part of this call: running transformers on it is unsafe

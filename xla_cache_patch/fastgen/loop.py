@@ -20,7 +20,7 @@ import torch_xla
 
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan, Sampling
-from xla_cache_patch.fastgen.replay import StepReplay, cache_numbers, cache_tensors
+from xla_cache_patch.fastgen.replay import StepReplay
 from xla_cache_patch.fastgen.swaps import explicit_masks, xla_cpu_dots
 
 log = logging.getLogger("xla_cache_patch.fastgen")
@@ -276,8 +276,8 @@ def run(model: Any, plan: Plan) -> Any:
         torch_xla.sync()
         collected.take(extras, plan)
         replay = StepReplay(
-            lambda: state.tensors() + cache_tensors(cache),
-            lambda: cache_numbers(cache),
+            lambda: state.tensors() + adapter.cache_state(cache),
+            lambda: adapter.cache_numbers(cache),
             device,
             enabled=plan.replay,
         )
@@ -313,8 +313,7 @@ def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, devi
     user keeps. A rolling sliding window cannot be rebuilt that way: such a cache is marked, and continuing
     it raises StaleCacheError (after ``cache.reset()`` it is usable again).
     """
-    layers = getattr(cache, "layers", None)
-    if layers is not None and any(getattr(layer, "is_sliding", False) for layer in layers):
+    if adapter.has_rolling_window(cache):
         setattr(cache, STALE_ATTR, "its sliding-window layers hold the bucket-padded prompt")
         return
     length = plan.input_ids.shape[1] + produced - 1  # the last token is never fed back

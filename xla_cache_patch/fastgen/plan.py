@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from xla_cache_patch import compat
+from xla_cache_patch.fastgen.buckets import buckets, prompt_bucket
 
 EOS_CHECK_KWARG = "xla_eos_check_every"
 REPLAY_KWARG = "xla_replay"
 STOP_AFTER_KWARG = "xla_stop_after"  # warmup: run this many steps, enough to compile every graph
 DEFAULT_EOS_CHECK_EVERY = 8
-MIN_PROMPT_BUCKET = 16
 
 # Generation options we implement (or that cannot change greedy/sampled tokens of a decoder-only model).
 _HANDLED = frozenset(
@@ -189,59 +189,6 @@ def pop_own_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Options]:
     ):
         raise ValueError(f"{STOP_AFTER_KWARG} must be an int >= 1, got {stop_after!r}")
     return kwargs, Options(every, replay, stop_after)
-
-
-@dataclass(frozen=True)
-class Buckets:
-    """Sizes prompts / caches are rounded up to (each size: one set of graphs); () means the default rule."""
-
-    prompt: tuple[int, ...] = ()
-    cache: tuple[int, ...] = ()
-
-
-_buckets = Buckets()
-
-
-def set_buckets(prompt: Any = None, cache: Any = None) -> Buckets:
-    """Choose the bucket sizes (``apply(prompt_buckets=..., cache_buckets=...)``); None keeps the default
-    rule. A length past the largest size given falls back to the default rule."""
-    global _buckets
-
-    def sizes(values: Any, what: str) -> tuple[int, ...]:
-        if values is None:
-            return ()
-        out = tuple(sorted({int(v) for v in values}))
-        if not out or out[0] < 1 or any(isinstance(v, bool) or int(v) != v for v in values):
-            raise ValueError(f"{what} must be positive integers, got {values!r}")
-        return out
-
-    _buckets = Buckets(sizes(prompt, "prompt_buckets"), sizes(cache, "cache_buckets"))
-    return _buckets
-
-
-def _pick(sizes: tuple[int, ...], length: int) -> int | None:
-    return next((size for size in sizes if size >= length), None)
-
-
-def prompt_bucket(length: int) -> int:
-    """Powers of two, at least MIN_PROMPT_BUCKET: nearby prompt lengths share one prefill graph."""
-    return _pick(_buckets.prompt, length) or max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
-
-
-def cache_bucket(length: int) -> int:
-    """Cache length: powers of two up to 1024, then multiples of 512: max_new_tokens values share graphs."""
-    chosen = _pick(_buckets.cache, length)
-    if chosen is not None:
-        return chosen
-    if length <= 1024:
-        return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
-    return -(-length // 512) * 512
-
-
-def buckets(prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt bucket, cache length) a call with this prompt length and ``max_new_tokens`` runs in."""
-    bucket = prompt_bucket(prompt_length)
-    return bucket, cache_bucket(bucket + max_new_tokens)
 
 
 @cache
@@ -468,26 +415,11 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
     return given[0] if given else None
 
 
-def cache_capacity(cache: Any) -> int | None:
-    """Slots of the full-attention layers; None when every layer is a rolling sliding window."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        return int(cache.max_cache_len)
-    sizes = [
-        int(layer.max_cache_len)
-        for layer in layers
-        if not getattr(layer, "is_sliding", False) and getattr(layer, "max_cache_len", None) is not None
-    ]
-    return min(sizes) if sizes else None
-
-
 def _check_user_cache(cache: Any, batch: int) -> None:
-    tensors = compat.current().cache_buffers(cache)
+    adapter = compat.current()
+    tensors = adapter.cache_buffers(cache)
     _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
-    sizes = [getattr(cache, name, None) for name in ("max_batch_size", "batch_size")]
-    size = next((int(v) for v in sizes if isinstance(v, int) and v > 0), None)  # 5.x: -1 until allocated
-    if size is None and tensors:
-        size = tensors[0].shape[0]
+    size = adapter.cache_batch_size(cache)
     _require(size is None or size == batch, f"cache batch size {size} != {batch}")
     initialized = getattr(cache, "is_initialized", True)
     if initialized is True or (not isinstance(initialized, bool) and initialized):
@@ -503,7 +435,7 @@ def _check_user_cache(cache: Any, batch: int) -> None:
 
 def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
     """(P, C): prompt bucket and cache/mask length. A user cache fixes C; P shrinks to fit if needed."""
-    capacity = None if cache is None else cache_capacity(cache)
+    capacity = None if cache is None else compat.current().cache_capacity(cache)
     if capacity is None:
         return buckets(length, max_new)
     # The last token is never fed back, so P + max_new - 1 slots are written.

@@ -63,32 +63,6 @@ def missing_private_api() -> tuple[str, ...]:
 _UINT64_MAX = 18446744073709551615
 
 
-def cache_tensors(cache: Any) -> list[torch.Tensor]:
-    """Every tensor the cache object (and its layers) holds, once each, in a stable order."""
-    owners = [cache, *getattr(cache, "layers", ())]
-    found: dict[int, torch.Tensor] = {}
-    for owner in owners:
-        for value in vars(owner).values():
-            items = value if isinstance(value, (list, tuple)) else (value,)
-            if isinstance(value, dict):
-                items = tuple(value.values())  # nn.Module buffers (transformers 4.44-4.49)
-            for item in items:
-                if isinstance(item, torch.Tensor) and item.device.type == "xla":
-                    found.setdefault(id(item), item)
-    return list(found.values())
-
-
-def cache_numbers(cache: Any) -> tuple[tuple[str, Any], ...]:
-    """The Python numbers on the cache and its layers: a step that changes one is not replayable."""
-    owners = [cache, *getattr(cache, "layers", ())]
-    return tuple(
-        (f"{index}.{name}", value)
-        for index, owner in enumerate(owners)
-        for name, value in sorted(vars(owner).items())
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
-    )
-
-
 _SMALL = 64  # fixed inputs up to this many elements are compared by value (constants re-uploaded per step)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from xla_cache_patch.fastgen.plan import STOP_AFTER_KWARG, cache_bucket, prompt_bucket
+from xla_cache_patch.fastgen.buckets import cache_bucket, prompt_bucket
+from xla_cache_patch.fastgen.plan import STOP_AFTER_KWARG
 
 WARMUP_STEPS = 3  # the prefill, then two decode steps: the decode graph is compiled by the first
 
@@ -60,9 +61,9 @@ def warmup(
                 attention_mask=torch.ones_like(ids).to(device),
                 max_new_tokens=cache_len - bucket,
             )
-            plan = fastgen.decide(model, (ids.to(device),), kwargs)
-            if isinstance(plan, str):
-                raise ValueError(f"warmup: these calls would not take the fast path: {plan}")
+            decision = fastgen.decide(model, (ids.to(device),), kwargs)
+            if not decision.fast:
+                raise ValueError(f"warmup: these calls would not take the fast path: {decision.message}")
             fastgen.generate(model, ids.to(device), **kwargs, **{STOP_AFTER_KWARG: WARMUP_STEPS})
     torch_xla.sync()
     return metrics.compiles() - before

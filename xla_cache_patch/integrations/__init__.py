@@ -26,9 +26,9 @@ _CHAIN_LIMIT = 32
 
 @dataclass
 class Holder:
-    """What one wrapper does now: ``slot`` None means pass every call through to the original."""
+    """What one wrapper does now: ``config`` None means pass every call through to the original."""
 
-    slot: Any = None
+    config: Any = None
 
 
 # id(wrapper) -> (weak reference to it, its holder). Keyed by id, not by the object: a wrapt proxy
@@ -107,7 +107,7 @@ def resolve(
 
 
 def wrap(entry: Entry, call: Callable[..., Any]) -> tuple[Callable[..., Any], Holder]:
-    """A wrapper of ``entry.func``: ``call(slot, bound_original, instance, args, kwargs)`` while armed.
+    """A wrapper of ``entry.func``: ``call(config, bound_original, instance, args, kwargs)`` while armed.
 
     For a method, ``instance`` is ``self`` and ``bound_original`` the original bound to it; for a module
     function, ``instance`` is None.
@@ -117,19 +117,19 @@ def wrap(entry: Entry, call: Callable[..., Any]) -> tuple[Callable[..., Any], Ho
     if entry.is_method:
 
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            slot = holder.slot
-            if slot is None:
+            config = holder.config
+            if config is None:
                 return original(self, *args, **kwargs)
             # partial, not original.__get__: torch.compile traces a partial, it breaks the graph on __get__
-            return call(slot, functools.partial(original, self), self, args, kwargs)
+            return call(config, functools.partial(original, self), self, args, kwargs)
 
     else:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            slot = holder.slot
-            if slot is None:
+            config = holder.config
+            if config is None:
                 return original(*args, **kwargs)
-            return call(slot, original, None, args, kwargs)
+            return call(config, original, None, args, kwargs)
 
     functools.update_wrapper(wrapper, original)  # name, docs, and __wrapped__ = original
     key = id(wrapper)
@@ -142,7 +142,7 @@ def holder_of(wrapper: Any) -> Holder:
 
 
 @dataclass
-class Plan:
+class WrapPlan:
     """What an integration would wrap, or why it cannot."""
 
     entries: list[Entry] = field(default_factory=list)
@@ -158,10 +158,10 @@ class Integration(Protocol):
     def missing(self) -> str | None:
         """What this integration needs and does not have (None: ready)."""
 
-    def plan(self, module: ModuleType, mode: str) -> Plan: ...
+    def plan(self, module: ModuleType, mode: str) -> WrapPlan: ...
 
     def call(self, entry: Entry) -> Callable[..., Any]:
-        """The function the wrapper calls while armed: ``(slot, original, instance, args, kwargs)``."""
+        """The function the wrapper calls while armed: ``(config, original, instance, args, kwargs)``."""
 
 
 def initializing(module: ModuleType) -> bool:

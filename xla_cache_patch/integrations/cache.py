@@ -7,27 +7,7 @@ from types import ModuleType
 from typing import Any
 
 from xla_cache_patch import compat
-from xla_cache_patch.integrations import Entry, Plan, resolve
-
-
-def _left_alone(module: ModuleType, adapter: compat.Adapter) -> tuple[str, ...]:
-    found = [
-        f"{module.__name__}:{what} ({why})"
-        for what, why in adapter.left_alone
-        if isinstance(getattr(module, what.split(".")[0], None), type)
-    ]
-    layer = getattr(module, "StaticLayer", None)
-    if isinstance(layer, type):  # model-specific layers that override update (5.20+)
-        seen, todo = set(), list(layer.__subclasses__())
-        while todo:
-            cls = todo.pop()
-            if cls in seen:
-                continue
-            seen.add(cls)
-            todo.extend(cls.__subclasses__())
-            if cls.__module__ != module.__name__ and "update" in vars(cls):
-                found.append(f"{cls.__module__}:{cls.__qualname__} (overrides update; its own code runs)")
-    return tuple(found)
+from xla_cache_patch.integrations import Entry, WrapPlan, resolve
 
 
 class CacheIntegration:
@@ -37,13 +17,13 @@ class CacheIntegration:
     def missing(self) -> str | None:
         return None  # torch comes with transformers' cache module
 
-    def plan(self, module: ModuleType, mode: str) -> Plan:
+    def plan(self, module: ModuleType, mode: str) -> WrapPlan:
         adapter = compat.detect(module)
         if adapter is None:
-            return Plan(
+            return WrapPlan(
                 reason="its cache code has no shape this version of xla-cache-patch knows (no era matched)"
             )
-        plan = Plan(era=adapter.name, left_alone=_left_alone(module, adapter))
+        plan = WrapPlan(era=adapter.name, left_alone=adapter.left_alone_in(module))
         for target in adapter.targets_for(mode):
             found = resolve(
                 module,
@@ -54,7 +34,7 @@ class CacheIntegration:
                 options=dict(target.options),
             )
             if isinstance(found, str):
-                return Plan(
+                return WrapPlan(
                     reason=f"({adapter.name}) the cache code changed shape: {found}", era=adapter.name
                 )
             if found is not None:
@@ -69,15 +49,15 @@ class CacheIntegration:
         if entry.is_method:
 
             def run(
-                slot: Any, original: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                config: Any, original: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             ) -> Any:
-                return impl(slot.mode, opts, original, instance, *args, **kwargs)
+                return impl(config.mode, opts, original, instance, *args, **kwargs)
 
         else:
 
             def run(
-                slot: Any, original: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                config: Any, original: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             ) -> Any:
-                return impl(slot.mode, opts, original, *args, **kwargs)
+                return impl(config.mode, opts, original, *args, **kwargs)
 
         return run

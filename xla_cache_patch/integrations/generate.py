@@ -12,7 +12,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from xla_cache_patch.integrations import Entry, Plan, resolve
+from xla_cache_patch.integrations import Entry, WrapPlan, resolve
 
 MODULE = "transformers.generation.utils"
 PATH = "GenerationMixin.generate"
@@ -33,18 +33,18 @@ class GenerateIntegration:
     def missing(self) -> str | None:
         return torch_xla_missing()
 
-    def plan(self, module: ModuleType, mode: str) -> Plan:
+    def plan(self, module: ModuleType, mode: str) -> WrapPlan:
         found = resolve(module, PATH)
         if isinstance(found, str) or found is None:
-            return Plan(reason=found or f"{MODULE}:{PATH} not found")
-        return Plan(entries=[found])
+            return WrapPlan(reason=found or f"{MODULE}:{PATH} not found")
+        return WrapPlan(entries=[found])
 
     def call(self, entry: Entry) -> Callable[..., Any]:
         def run(
-            slot: Any, original: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+            config: Any, original: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> Any:
             from xla_cache_patch import fastgen
 
-            return fastgen.generate_wrapper(original, instance, args, kwargs, policy=slot.generate)
+            return fastgen.generate_wrapper(original, instance, args, kwargs, policy=config.generate)
 
         return run

@@ -208,7 +208,7 @@ def check_devices(timeout: float = 300.0) -> Check:
 
 def check_compile_cache(environ: dict[str, str] | None = None) -> Check:
     """Whether torch_xla's persistent compilation cache is asked for, and whether this device reloads it."""
-    from xla_cache_patch.registry import COMPILE_CACHE_ENV
+    from xla_cache_patch.settings import COMPILE_CACHE_ENV_VAR as COMPILE_CACHE_ENV
 
     env = os.environ if environ is None else environ
     folder = env.get(COMPILE_CACHE_ENV)
