@@ -104,16 +104,16 @@ def _same_fixed(old: _Trace, new: _Trace) -> bool:
 
 def _donated(sources: Sequence[int | None], changed: Sequence[bool]) -> list[int]:
     """Graph inputs that read a state tensor the step rewrites: their buffers can be updated in place."""
-    return [slot for slot, source in enumerate(sources) if source is not None and changed[source]]
+    return [index for index, source in enumerate(sources) if source is not None and changed[source]]
 
 
 def _unique(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     """Distinct tensors (a graph returns a repeated root once) and where each original sits among them."""
-    slots: dict[int, int] = {}
+    positions: dict[int, int] = {}
     for tensor in tensors:
-        slots.setdefault(id(tensor), len(slots))
+        positions.setdefault(id(tensor), len(positions))
     distinct = list({id(t): t for t in tensors}.values())
-    return distinct, [slots[id(t)] for t in tensors]
+    return distinct, [positions[id(t)] for t in tensors]
 
 
 @dataclass
@@ -122,10 +122,10 @@ class _Program:
 
     graph_hash: bytes
     args: list[Any]  # graph inputs; state inputs are the live state tensors themselves
-    seed_slots: list[int]  # inputs that take the current RNG seed
+    seed_args: list[int]  # inputs that take the current RNG seed
     donated: list[int]  # inputs whose buffers the step overwrites: donated, so XLA updates them in place
     written: list[torch.Tensor]  # state tensors that receive the first results, in order
-    aux_slots: list[int]  # where each extra output sits among the remaining results
+    aux_order: list[int]  # where each extra output sits among the remaining results
 
 
 class StepReplay:
@@ -168,20 +168,20 @@ class StepReplay:
         inputs = self._state()
         input_index = {_X._xla_get_tensor_id(t): index for index, t in enumerate(inputs)}
         numbers, executions = self._numbers(), _executions()
-        aux, aux_slots = _unique(list(trace()))
+        aux, aux_order = _unique(list(trace()))
         outputs = self._state()
         if _executions() != executions or self._numbers() != numbers or len(outputs) != len(inputs):
             self._last = None  # the step reads device values or Python state: trace every step
             torch_xla.sync()
-            return [aux[slot] for slot in aux_slots]
+            return [aux[index] for index in aux_order]
         xm.wait_device_ops()  # constants uploaded while tracing must have landed before we read them
         changed = tuple(_X._check_tensor_need_materialization(outputs))
         written = [t for t, write in zip(outputs, changed, strict=True) if write]
         roots = written + aux
         ids, values = _X._get_tensors_xla_device_data_node(roots)
         sources = tuple(input_index.get(tensor_id) for tensor_id in ids)
-        for slot in _donated(sources, changed):
-            _X._set_buffer_donation(values[slot], True)
+        for index in _donated(sources, changed):
+            _X._set_buffer_donation(values[index], True)
         from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
 
         with alias_with_buffer_donor_config(True):  # the KV cache stays aliased, as in a lazy sync
@@ -191,38 +191,38 @@ class StepReplay:
         # Run the traced step through that graph, on the device data the trace read: a state tensor
         # updated in place (the cache) no longer holds its old data once its pending IR is dropped.
         _X._clear_pending_irs(self._device)
-        result = self._run(self._program_for(current, list(values), written, aux_slots))
+        result = self._run(self._program_for(current, list(values), written, aux_order))
         last, self._last = self._last, current
         if last is not None and last.signature == signature and _same_fixed(last, current):
             # From now on the state tensors are the ones just written; they keep their identity.
             state = self._state()
             args = [v if i is None else state[i] for i, v in zip(signature.sources, values, strict=True)]
-            self._program = self._program_for(current, args, written, aux_slots)
+            self._program = self._program_for(current, args, written, aux_order)
         return result
 
     def _program_for(
-        self, trace: _Trace, args: list[Any], written: list[torch.Tensor], aux_slots: list[int]
+        self, trace: _Trace, args: list[Any], written: list[torch.Tensor], aux_order: list[int]
     ) -> _Program:
         seed_id = _X._get_seed_info_id()
-        seed_slots = [
+        seed_args = [
             i
             for i, (tensor_id, source) in enumerate(zip(trace.ids, trace.signature.sources, strict=True))
             if source is None and tensor_id == seed_id
         ]
         donated = _donated(trace.signature.sources, trace.signature.changed)
-        return _Program(trace.signature.graph_hash, args, seed_slots, donated, written, aux_slots)
+        return _Program(trace.signature.graph_hash, args, seed_args, donated, written, aux_order)
 
     def _run(self, program: _Program) -> list[torch.Tensor]:
         args = program.args
-        for slot in program.donated:  # results are new buffers: mark the ones we hand back to XLA
-            _X._set_buffer_donation(args[slot], True)
-        if program.seed_slots:  # the RNG seed, advanced as torch_xla.sync() would
+        for index in program.donated:  # results are new buffers: mark the ones we hand back to XLA
+            _X._set_buffer_donation(args[index], True)
+        if program.seed_args:  # the RNG seed, advanced as torch_xla.sync() would
             args = list(args)
-            for slot in program.seed_slots:
-                args[slot] = _X._get_base_seed_as_tensor(self._device)
+            for index in program.seed_args:
+                args[index] = _X._get_base_seed_as_tensor(self._device)
             xm.set_rng_state((1012031 + _X._xla_get_rng_seed() * 7012063) % _UINT64_MAX, self._device)
         results = _X._run_cached_graph(program.graph_hash, args)
         for tensor, result in zip(program.written, results, strict=False):
             _X._replace_xla_tensor(tensor, result)
         aux = results[len(program.written) :]
-        return [aux[slot] for slot in program.aux_slots]
+        return [aux[index] for index in program.aux_order]
