@@ -278,7 +278,7 @@ def problems_on(report: dict[str, Any]) -> list[str]:
     if report["generate"] is True and report["generate_reason"] is not None:
         problems.append(f"status().generate_reason={report['generate_reason']!r} though generate is on")
     if report.get("policy") != report.get("expected_policy"):
-        problems.append(f"generate policy {report.get('policy')!r}, expected {report.get('expected_policy')!r}")
+        problems.append(f"generate policy {report.get('policy')!r}, not {report.get('expected_policy')!r}")
     if report.get("apply_returned", True) is not True:
         problems.append(f"apply() returned {report['apply_returned']!r}")
     return problems
