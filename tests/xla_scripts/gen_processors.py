@@ -111,10 +111,10 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
 
 def _warper_options() -> list[dict[str, Any]]:
     return [
-        dict(min_p=0.3, temperature=0.7),
-        dict(typical_p=0.5),
-        dict(epsilon_cutoff=4e-3),
-        dict(eta_cutoff=4e-3),
+        dict(min_p=0.5, temperature=0.7, top_k=0),  # top_k=0: the default 50 would hide what they cut
+        dict(typical_p=0.5, top_k=0),
+        dict(epsilon_cutoff=4e-3, top_k=0),
+        dict(eta_cutoff=0.5, top_k=0),
         dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
     ]
 
