@@ -219,3 +219,14 @@ def test_unregistered_processor_is_unsupported() -> None:
     with pytest.raises(processors.Unsupported, match="EncoderRepetitionPenaltyLogitsProcessor"):
         built = [lp.EncoderRepetitionPenaltyLogitsProcessor(1.2, torch.tensor([[1, 2]]))]
         processors.build(built, processors.Context(VOCAB, 1))
+
+
+def test_docs_table_covers_every_generation_option() -> None:
+    """docs/generate.md's coverage table names every public GenerationConfig attribute of this release."""
+    import re
+
+    text = (ROOT / "docs" / "generate.md").read_text(encoding="utf-8")
+    table = text[text.index("| option | eras | fast path |") :].split("\n\n")[0]
+    named = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    options = {k for k in transformers.GenerationConfig().to_dict() if not k.startswith("_")}
+    assert not options - named, sorted(options - named)
