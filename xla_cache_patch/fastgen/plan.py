@@ -370,6 +370,9 @@ def _pipeline(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor) ->
             # 5.x drops an all-ones mask before building them (its repetition penalty reads the padding)
             model_kwargs={"attention_mask": None if bool(mask.all()) else mask},
         )
+        warpers = getattr(model, "_get_logits_warper", None)  # <= 4.44: built apart, applied after
+        if config.do_sample and warpers is not None:
+            built = [*built, *warpers(config, device="cpu")]
         return processors.build(built, processors.Context(vocab_size(model), ids.shape[0]))
     except processors.Unsupported as missing:
         name = str(missing)
