@@ -230,3 +230,64 @@ def test_docs_table_covers_every_generation_option() -> None:
     named = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     options = {k for k in transformers.GenerationConfig().to_dict() if not k.startswith("_")}
     assert not options - named, sorted(options - named)
+
+
+#: An active value of each processor's option, and what transformers needs besides to build it.
+_ACTIVE: dict[str, Any] = {
+    "min_length": 5,
+    "min_new_tokens": 2,
+    "repetition_penalty": 1.2,
+    "no_repeat_ngram_size": 2,
+    "sequence_bias": [[[4], 1.0]],
+    "bad_words_ids": [[4]],
+    "forced_bos_token_id": 1,
+    "forced_eos_token_id": 2,
+    "remove_invalid_values": True,
+    "exponential_decay_length_penalty": (2, 1.5),
+    "suppress_tokens": [4],
+    "begin_suppress_tokens": [4],
+    "renormalize_logits": True,
+    "temperature": 0.7,
+    "top_k": 5,
+    "top_p": 0.8,
+    "min_p": 0.1,
+    "typical_p": 0.5,
+    "epsilon_cutoff": 0.01,
+    "eta_cutoff": 0.01,
+}
+
+
+def _built(model: Any, **options: Any) -> set[str]:
+    base = dict(do_sample=True, top_k=0, temperature=1.0, eos_token_id=3, max_length=20)
+    config = transformers.GenerationConfig(**{**base, **options})
+    model._prepare_special_tokens(config, None, device="cpu")
+    ids = torch.tensor([[5, 6, 7]])
+    built = model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=3,
+        encoder_input_ids=ids,
+        prefix_allowed_tokens_fn=None,
+        logits_processor=transformers.LogitsProcessorList(),
+        device="cpu",
+        model_kwargs={"attention_mask": None},
+    )
+    warpers = getattr(model, "_get_logits_warper", None)
+    if warpers is not None:
+        built = [*built, *warpers(config, device="cpu")]
+    return {type(p).__name__ for p in built}
+
+
+def test_declared_options_build_the_declared_processors() -> None:
+    """Each processor's option builds its transformers class at an active value and not at the values it
+    declares inactive: the declarations the plan relies on match this release."""
+    from xla_cache_patch.fastgen import processors
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = transformers.LlamaForCausalLM(config)
+    for cls in processors.REGISTERED:
+        assert cls.hf_class in _built(model, **{cls.option: _ACTIVE[cls.option]}), cls.option
+        for value in cls.inactive:
+            if not (cls.option == "top_k" and value is None):  # 4.46's default top_k is 50
+                assert cls.hf_class not in _built(model, **{cls.option: value}), (cls.option, value)

@@ -121,7 +121,6 @@ class Processor:
     hf_class: ClassVar[str]
     option: ClassVar[str]
     inactive: ClassVar[tuple[Any, ...]]
-    warper: ClassVar[bool] = False  # applied only when sampling
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         raise NotImplementedError
@@ -386,7 +385,6 @@ class Temperature(Processor):
     hf_class = "TemperatureLogitsWarper"
     option = "temperature"
     inactive = (None, 1.0)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.temperature = bank.add_float(hf.temperature)
@@ -401,7 +399,6 @@ class TopK(Processor):
     hf_class = "TopKLogitsWarper"
     option = "top_k"
     inactive = (None, 0)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.k = bank.add_int(min(int(hf.top_k), ctx.vocab))
@@ -417,7 +414,6 @@ class TopP(Processor):
     hf_class = "TopPLogitsWarper"
     option = "top_p"
     inactive = (None, 1.0)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.top_p = bank.add_float(hf.top_p)
@@ -435,7 +431,6 @@ class MinP(Processor):
     hf_class = "MinPLogitsWarper"
     option = "min_p"
     inactive = (None,)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.min_p = bank.add_float(hf.min_p)
@@ -452,7 +447,6 @@ class Typical(Processor):
     hf_class = "TypicalLogitsWarper"
     option = "typical_p"
     inactive = (None, 1.0)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.mass = bank.add_float(hf.mass)
@@ -475,7 +469,6 @@ class Epsilon(Processor):
     hf_class = "EpsilonLogitsWarper"
     option = "epsilon_cutoff"
     inactive = (None, 0.0)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.epsilon = bank.add_float(hf.epsilon)
@@ -490,7 +483,6 @@ class Eta(Processor):
     hf_class = "EtaLogitsWarper"
     option = "eta_cutoff"
     inactive = (None, 0.0)
-    warper = True
 
     def __init__(self, hf: Any, ctx: Context, bank: Bank) -> None:
         self.epsilon = bank.add_float(float(hf.epsilon))
