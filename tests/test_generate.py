@@ -142,7 +142,7 @@ def test_unsupported_calls_fall_back_and_match() -> None:
     expected = {
         "num_beams": "num_beams=2",
         "streamer": "streamer",
-        "repetition_penalty": "repetition_penalty",
+        "encoder_repetition_penalty": "encoder_repetition_penalty",
         "cpu_model": "not on an XLA device",
         "dynamic_cache": "cache_implementation='dynamic'",
     }

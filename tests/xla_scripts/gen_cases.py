@@ -266,7 +266,7 @@ class Collector(transformers.generation.streamers.BaseStreamer):
 FALLBACK_OPTIONS: dict[str, dict[str, Any]] = {
     "num_beams": {"num_beams": 2},
     "streamer": {"streamer": Collector()},
-    "repetition_penalty": {"repetition_penalty": 1.5},
+    "encoder_repetition_penalty": {"encoder_repetition_penalty": 1.5},  # no device counterpart
     "cpu_model": {},
     "dynamic_cache": {"cache_implementation": "dynamic"},
 }

@@ -197,7 +197,7 @@ def generate_wrapper(
         result.prompt_bucket,
         result.cache_len,
         result.max_new_tokens,
-        result.sampling is not None,
+        result.do_sample,
     )
     from xla_cache_patch.fastgen.loop import run  # imports torch_xla: only now that a call runs on XLA
 

@@ -4,7 +4,8 @@ Why each step compiles to the same graph: nothing in it changes shape or carries
 changes. The prompt is left-padded to a bucket (mask 0, so attention ignores the pad slots and the
 positions of the real tokens stay those transformers uses); the attention mask and the output ids are
 allocated once at their final length and written with ``index_copy`` at a device-side slot; positions,
-the slot, the finished rows and the sampling parameters are device tensors. The host only reads the
+the slot, the finished rows and the logits processors' parameters are device tensors (the processors
+read the token history from the output buffer, with masks: ``fastgen.processors``). The host only reads the
 "anything left to do?" flag every ``xla_eos_check_every`` steps, and then the flag of the previous step
 (already computed), so it keeps queueing work while the device runs.
 """
@@ -19,11 +20,18 @@ import torch
 import torch_xla
 
 from xla_cache_patch import compat
-from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan, Sampling
+from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
+from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
 from xla_cache_patch.fastgen.swaps import explicit_masks, xla_cpu_dots
 
 log = logging.getLogger("xla_cache_patch.fastgen")
+
+
+def _present(values: Any) -> list[torch.Tensor]:
+    """The tensors of a state/outputs dataclass in field order, absent (None) ones left out: the one place
+    the by-name step values become the flat list the replay runs on."""
+    return [v for v in (getattr(values, f.name) for f in fields(values)) if v is not None]
 
 
 @dataclass
@@ -34,48 +42,66 @@ class _State:
     position: torch.Tensor  # [B, 1] its position id
     slot: torch.Tensor  # [1] cache slot it will be written to
     mask: torch.Tensor  # [B, C] attention mask over cache slots
-    out: torch.Tensor  # [B, C + 1] produced tokens, by slot
+    # [B, C + 1] token ids by slot: the user's prompt at [P - L, P), produced tokens from P. It is the
+    # history the logits processors read (masked to [P - L, slot)) and the result (read from P).
+    out: torch.Tensor
     unfinished: torch.Tensor | None  # [B] 1 while a row has not produced eos (None: no eos)
     produced: torch.Tensor | None  # [] steps transformers would have run (None: no eos)
 
     def tensors(self) -> list[torch.Tensor]:
-        """The state in a fixed order (what a replayed step reads and writes, with the cache buffers)."""
-        fields_ = (self.token, self.position, self.slot, self.mask, self.out, self.unfinished, self.produced)
-        return [t for t in fields_ if t is not None]
+        """The state in field order (what a replayed step reads and writes, with the cache buffers)."""
+        return _present(self)
+
+
+@dataclass
+class _StepOutputs:
+    """What a step hands back besides the state, by name; the replay gets them flat (``tensors``) and
+    gives them back in that order, read back by ``from_tensors`` with the names the plan implies."""
+
+    alive: torch.Tensor | None = None  # [] any row unfinished (None: no eos)
+    scores: torch.Tensor | None = None  # [B, V] processed scores (only if returned)
+    logits: torch.Tensor | None = None  # [B, V] raw logits (only if returned)
+
+    @staticmethod
+    def names(plan: Plan) -> tuple[str, ...]:
+        wanted = {
+            "alive": bool(plan.eos_token_ids),
+            "scores": plan.return_dict and plan.output_scores,
+            "logits": plan.return_dict and plan.output_logits,
+        }
+        return tuple(f.name for f in fields(_StepOutputs) if wanted[f.name])
+
+    @classmethod
+    def build(cls, plan: Plan, **values: torch.Tensor | None) -> _StepOutputs:
+        return cls(**{name: values[name] for name in cls.names(plan)})
+
+    @classmethod
+    def from_tensors(cls, plan: Plan, tensors: list[torch.Tensor]) -> _StepOutputs:
+        return cls(**dict(zip(cls.names(plan), tensors, strict=True)))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return _present(self)
 
 
 @dataclass
 class _Constants:
-    """Per-call values, sent as two small vectors: new values reuse the compiled graphs.
+    """Per-call values; scalars are sent as small vectors, so new values reuse the compiled graphs.
 
     Not as 0-dim tensors: torch_xla shares one device buffer between 0-dim tensors of equal value,
     which changes the graph's parameter list (and so recompiles) when, say, temperature == top_p.
     """
 
-    ints: torch.Tensor  # [3] int64: pad id, slot from which eos is allowed, top-k (V when off)
-    floats: torch.Tensor  # [2] float32: temperature, top-p
+    ints: torch.Tensor  # [2] int64: pad id, slot of the prompt's first token (P - L)
     eos: torch.Tensor | None  # [E] eos ids (None: no eos)
-    eos_vocab: torch.Tensor | None  # [V] bool, only when min_length masks eos
+    bank: DeviceBank  # the logits processors' parameters
 
     @property
     def pad(self) -> torch.Tensor:
         return self.ints[0]
 
     @property
-    def block_eos_until(self) -> torch.Tensor:
-        return self.ints[1]
-
-    @property
-    def top_k(self) -> torch.Tensor:
-        return self.ints[2]
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.floats[0]
-
-    @property
-    def top_p(self) -> torch.Tensor:
-        return self.floats[1]
+    def first(self) -> torch.Tensor:
+        return self.ints[1:2]
 
 
 def _forward(
@@ -104,34 +130,14 @@ def _forward(
     return model(**kwargs).logits[:, -1, :].float()
 
 
-def _warp(scores: torch.Tensor, consts: _Constants) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, as transformers' warpers do, with device-tensor parameters."""
-    scores = scores / consts.temperature
-    sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
-    vocab = scores.shape[-1]
-    kth_index = (vocab - consts.top_k).clamp(0, vocab - 1).reshape(1, 1).expand(scores.shape[0], 1)
-    kth = sorted_scores.gather(-1, kth_index)
-    below_k = scores < kth  # ties with the k-th value are kept, like TopKLogitsWarper
-    kept_sorted = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
-    cumulative = kept_sorted.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= (1 - consts.top_p)
-    drop_sorted[..., -1:] = False  # min_tokens_to_keep=1
-    drop_sorted = drop_sorted & (consts.top_p < 1.0)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return scores.masked_fill(below_k | drop, float("-inf"))
-
-
 def _choose(
-    logits: torch.Tensor, produced_slot: torch.Tensor, plan: Plan, consts: _Constants
+    logits: torch.Tensor, history: torch.Tensor, produced_slot: torch.Tensor, plan: Plan, consts: _Constants
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores as transformers reports them, next tokens [B])."""
-    scores = logits
-    if consts.eos_vocab is not None:
-        blocked = consts.eos_vocab & (produced_slot < consts.block_eos_until)
-        scores = scores.masked_fill(blocked, float("-inf"))
-    if plan.sampling is None:
+    """(scores as transformers reports them: after its processors and warpers, next tokens [B])."""
+    view = StepView(history=history, slot=produced_slot, first=consts.first)
+    scores = plan.logits(logits, view, consts.bank)
+    if not plan.do_sample:
         return scores, scores.argmax(dim=-1)
-    scores = _warp(scores, consts)
     probs = scores.softmax(dim=-1)
     # Exponential race == multinomial draw; uses the XLA RNG, seeded per call from torch's CPU generator.
     noise = -torch.log(torch.rand_like(probs).clamp_(min=1e-20))
@@ -154,18 +160,6 @@ def _finish(
     return tokens, state.unfinished.max()
 
 
-def _extras(
-    alive: torch.Tensor | None, scores: torch.Tensor, logits: torch.Tensor, plan: Plan
-) -> list[torch.Tensor]:
-    """The step's outputs that are not state, in the order _Collected.take reads them."""
-    extras = [] if alive is None else [alive]
-    if plan.return_dict and plan.output_scores:
-        extras.append(scores)
-    if plan.return_dict and plan.output_logits:
-        extras.append(logits)
-    return extras
-
-
 @dataclass
 class _Collected:
     """Per-step outputs kept for the result: the stop flag and, if asked, scores and raw logits."""
@@ -174,23 +168,24 @@ class _Collected:
     scores: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
 
-    def take(self, extras: list[torch.Tensor], plan: Plan) -> None:
-        extras = list(extras)
-        if plan.eos_token_ids:
-            self.alive = extras.pop(0)
-        if plan.return_dict and plan.output_scores:
-            self.scores.append(extras.pop(0))
-        if plan.return_dict and plan.output_logits:
-            self.logits.append(extras.pop(0))
+    def take(self, outputs: _StepOutputs) -> None:
+        if outputs.alive is not None:
+            self.alive = outputs.alive
+        if outputs.scores is not None:
+            self.scores.append(outputs.scores)
+        if outputs.logits is not None:
+            self.logits.append(outputs.logits)
 
 
 def _prefill(
     model: Any, plan: Plan, cache: Any, device: torch.device, consts: _Constants
-) -> tuple[_State, list[torch.Tensor]]:
+) -> tuple[_State, _StepOutputs]:
     batch, length = plan.input_ids.shape
     bucket, width = plan.prompt_bucket, plan.cache_len
     ids = torch.full((batch, bucket), plan.pad_token_id, dtype=torch.int64)
     ids[:, bucket - length :] = plan.input_ids
+    out = torch.zeros((batch, width + 1), dtype=torch.int64)
+    out[:, bucket - length : bucket] = plan.input_ids  # the history as transformers sees it
     mask = torch.zeros((batch, width), dtype=torch.int64)
     mask[:, bucket - length : bucket] = plan.attention_mask
     prompt_mask = mask[:, :bucket]
@@ -200,48 +195,39 @@ def _prefill(
         position=prompt_mask.sum(-1, keepdim=True).to(device),
         slot=torch.tensor([bucket], dtype=torch.int64, device=device),
         mask=mask.to(device),
-        out=torch.zeros((batch, width + 1), dtype=torch.int64, device=device),
+        out=out.to(device),
         unfinished=torch.ones(batch, dtype=torch.int64, device=device) if plan.eos_token_ids else None,
         produced=torch.zeros((), dtype=torch.int64, device=device) if plan.eos_token_ids else None,
     )
     slots = torch.arange(bucket, dtype=torch.int64, device=device)
     logits = _forward(model, plan, cache, ids.to(device), state.mask, positions.to(device), slots)
-    scores, tokens = _choose(logits, state.slot, plan, consts)
+    scores, tokens = _choose(logits, state.out, state.slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
     state.out = state.out.index_copy(1, state.slot, tokens[:, None])
     state.token = tokens[:, None]
-    return state, _extras(alive, scores, logits, plan)
+    return state, _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)
 
 
-def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constants) -> list[torch.Tensor]:
+def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constants) -> _StepOutputs:
     """Trace one decode step: feed the last token at `slot`, write the next one at `slot + 1`."""
     ones = torch.ones_like(state.token)
     state.mask = state.mask.index_copy(1, state.slot, ones)
     logits = _forward(model, plan, cache, state.token, state.mask, state.position, state.slot)
     produced_slot = state.slot + 1
-    scores, tokens = _choose(logits, produced_slot, plan, consts)
+    scores, tokens = _choose(logits, state.out, produced_slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
     state.out = state.out.index_copy(1, produced_slot, tokens[:, None])
     state.token = tokens[:, None]
     state.position = state.position + 1
     state.slot = produced_slot
-    return _extras(alive, scores, logits, plan)
+    return _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)
 
 
-def _constants(plan: Plan, device: torch.device, vocab: int) -> _Constants:
-    length = plan.input_ids.shape[1]
+def _constants(plan: Plan, device: torch.device) -> _Constants:
     eos = torch.tensor(plan.eos_token_ids, dtype=torch.int64).to(device) if plan.eos_token_ids else None
-    eos_vocab = None
-    if plan.eos_token_ids and plan.min_length > length:
-        flags = torch.zeros(vocab, dtype=torch.bool)
-        flags[[i for i in plan.eos_token_ids if 0 <= i < vocab]] = True
-        eos_vocab = flags.to(device)
-    # token t is produced at slot P + t; eos stays masked while L + t < min_length
-    block_until = plan.prompt_bucket + max(plan.min_length - length, 0)
-    sampling: Sampling = plan.sampling or Sampling(1.0, 0, 1.0)
-    ints = torch.tensor([plan.pad_token_id, block_until, sampling.top_k or vocab], dtype=torch.int64)
-    floats = torch.tensor([sampling.temperature, sampling.top_p], dtype=torch.float32)
-    return _Constants(ints=ints.to(device), floats=floats.to(device), eos=eos, eos_vocab=eos_vocab)
+    first = plan.prompt_bucket - plan.input_ids.shape[1]
+    ints = torch.tensor([plan.pad_token_id, first], dtype=torch.int64)
+    return _Constants(ints=ints.to(device), eos=eos, bank=plan.logits.bank.upload(device))
 
 
 def _seed_xla_rng(device: torch.device) -> None:
@@ -249,12 +235,6 @@ def _seed_xla_rng(device: torch.device) -> None:
     import torch_xla.core.xla_model as xm
 
     xm.set_rng_state(int(torch.randint(0, 2**31 - 1, ()).item()), device=device)
-
-
-def _vocab_size(model: Any) -> int:
-    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
 
 
 def run(model: Any, plan: Plan) -> Any:
@@ -267,14 +247,14 @@ def run(model: Any, plan: Plan) -> Any:
         cache = adapter.make_static_cache(
             model.config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
         )
-    consts = _constants(plan, device, _vocab_size(model))
+    consts = _constants(plan, device)
     collected = _Collected()
-    if plan.sampling is not None:
+    if plan.do_sample:
         _seed_xla_rng(device)
     with torch.no_grad(), explicit_masks(), xla_cpu_dots(device):
-        state, extras = _prefill(model, plan, cache, device, consts)
+        state, first_outputs = _prefill(model, plan, cache, device, consts)
         torch_xla.sync()
-        collected.take(extras, plan)
+        collected.take(first_outputs)
         replay = StepReplay(
             lambda: state.tensors() + adapter.cache_state(cache),
             lambda: adapter.cache_numbers(cache),
@@ -290,7 +270,8 @@ def run(model: Any, plan: Plan) -> Any:
             if lagged is not None and every and steps % every == 0 and not bool(lagged.item()):
                 break
             lagged = collected.alive
-            collected.take(replay.step(lambda: _decode(model, plan, cache, state, consts)), plan)
+            flat = replay.step(lambda: _decode(model, plan, cache, state, consts).tensors())
+            collected.take(_StepOutputs.from_tensors(plan, flat))
             steps += 1
     produced = steps if state.produced is None else int(state.produced.item())
     log.debug(

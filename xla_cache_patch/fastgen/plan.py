@@ -2,9 +2,11 @@
 
 The fast path must give the tokens transformers gives, so the generation config is built by the model's
 own ``_prepare_generation_config`` / ``_prepare_generated_length`` (their defaults moved between 4.41 and
-5.x). Every option that would make transformers add a logits processor, a stopping criterion or another
-decoding mode we do not implement is refused here with a reason, and the call goes to the original
-``generate``. Refusing is always safe; guessing is not.
+5.x), and the logits processors are the ones its ``_get_logits_processor`` builds, each mapped to its
+static-shape counterpart in ``fastgen.processors``. Every option that would make transformers add a
+processor we have no counterpart for, a stopping criterion or another decoding mode we do not implement
+is refused here with a reason, and the call goes to the original ``generate``. Refusing is always safe;
+guessing is not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from xla_cache_patch import compat
+from xla_cache_patch.fastgen import processors
 from xla_cache_patch.fastgen.buckets import buckets, prompt_bucket
 
 EOS_CHECK_KWARG = "xla_eos_check_every"
@@ -24,17 +27,14 @@ REPLAY_KWARG = "xla_replay"
 STOP_AFTER_KWARG = "xla_stop_after"  # warmup: run this many steps, enough to compile every graph
 DEFAULT_EOS_CHECK_EVERY = 8
 
-# Generation options we implement (or that cannot change greedy/sampled tokens of a decoder-only model).
+# Generation options we implement (or that cannot change greedy/sampled tokens of a decoder-only model),
+# besides those a logits processor of ``fastgen.processors`` declares (``processors.handled_options``).
 _HANDLED = frozenset(
     {
         "max_length",
         "max_new_tokens",
-        "min_length",
-        "min_new_tokens",
         "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
+        "num_return_sequences",  # the batch is expanded on the host, as transformers does
         "eos_token_id",
         "pad_token_id",
         "bos_token_id",
@@ -70,14 +70,8 @@ _HANDLED = frozenset(
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,),
     "num_beam_groups": (1,),
-    "num_return_sequences": (1,),
-    "repetition_penalty": (1.0,),
     "encoder_repetition_penalty": (1.0,),
-    "no_repeat_ngram_size": (0,),
     "encoder_no_repeat_ngram_size": (0,),
-    "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,),
     "guidance_scale": (1.0,),
     "penalty_alpha": (0.0,),
 }
@@ -124,15 +118,6 @@ class Fallback(Exception):
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters; they go to the device as tensors, so new values reuse the compiled graphs."""
-
-    temperature: float
-    top_k: int  # 0: off
-    top_p: float  # 1.0: off
-
-
-@dataclass(frozen=True)
 class ForwardSpec:
     """How this model class's forward spells its arguments (they moved between transformers eras)."""
 
@@ -149,10 +134,10 @@ class Plan:
     attention_mask: torch.Tensor  # [B, L] int64 on CPU
     out_device: torch.device  # where transformers would have returned the sequences
     max_new_tokens: int
-    min_length: int  # eos is masked while prompt + generated < min_length
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
-    sampling: Sampling | None
+    do_sample: bool
+    logits: processors.Pipeline  # transformers' processors and warpers for this call, in its order
     return_dict: bool
     output_scores: bool
     output_logits: bool
@@ -290,8 +275,11 @@ def _prepare_config(
 
 
 def _check_options(config: Any) -> None:
+    served = processors.handled_options()  # transformers' built list then says which processors run
     for name, value in config.to_dict().items():
-        if name.startswith("_") or name in _HANDLED or value is None or value is False or value == {}:
+        if name.startswith("_") or name in _HANDLED or name in served:
+            continue
+        if value is None or value is False or value == {}:
             continue
         _require(
             value in _NEUTRAL.get(name, ()),
@@ -302,17 +290,46 @@ def _check_options(config: Any) -> None:
     _require(config.use_cache is not False, "use_cache=False")
 
 
-def _sampling(config: Any) -> Sampling | None:
-    if not config.do_sample:
-        return None
-    temperature = 1.0 if config.temperature is None else float(config.temperature)
-    top_k = 0 if config.top_k is None else config.top_k
-    top_p = 1.0 if config.top_p is None else float(config.top_p)
-    # Values transformers rejects: let it raise its own error.
-    _require(temperature > 0.0, f"temperature={temperature}")
-    _require(isinstance(top_k, int) and top_k >= 0, f"top_k={top_k!r}")
-    _require(0.0 <= top_p <= 1.0, f"top_p={top_p}")
-    return Sampling(temperature, top_k, top_p)
+def vocab_size(model: Any) -> int:
+    """Rows of the output embedding: the width of the scores the processors see."""
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
+
+
+def _pipeline(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor) -> processors.Pipeline:
+    """The processors transformers would build for this call (read from its own ``_get_logits_processor``,
+    on CPU tensors: the order and the era's parameters are the running release's), as device functions."""
+    from transformers import LogitsProcessorList
+
+    prepare_special = getattr(model, "_prepare_special_tokens", None)
+    get_processors = getattr(model, "_get_logits_processor", None)
+    _require(prepare_special is not None and get_processors is not None, "transformers has no processor API")
+    try:
+        prepare_special(config, None, device="cpu")  # None: no warnings, generate itself gives those
+        built = get_processors(
+            generation_config=config,
+            input_ids_seq_length=ids.shape[1],
+            encoder_input_ids=ids,
+            prefix_allowed_tokens_fn=None,
+            logits_processor=LogitsProcessorList(),
+            device="cpu",
+            # 5.x drops an all-ones mask before building them (its repetition penalty reads the padding)
+            model_kwargs={"attention_mask": None if bool(mask.all()) else mask},
+        )
+        warpers = getattr(model, "_get_logits_warper", None)  # <= 4.44: built apart, applied after
+        if config.do_sample and warpers is not None:
+            built = [*built, *warpers(config, device="cpu")]
+        return processors.build(built, processors.Context(vocab_size(model), ids.shape[0]))
+    except processors.Unsupported as missing:
+        name = str(missing)
+        raise Fallback(
+            f"transformers' {name} has no static-shape counterpart in the fast path",
+            name,
+            f"Leave the generation option that adds {name} at its default to take the fast path. {_DOCS_FIX}",
+        ) from None
+    except Exception as exc:  # transformers will raise it again, with its own message
+        raise Fallback(f"transformers rejected the generation options: {exc!r}") from exc
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:
@@ -444,8 +461,17 @@ def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
     return bucket, capacity
 
 
-def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch.Tensor) -> tuple[int, int]:
-    """(max_new_tokens, min_length) exactly as transformers derives them for this era."""
+def _expand(config: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_return_sequences: each row repeated in place, as transformers' _expand_inputs_for_generation."""
+    count = int(config.num_return_sequences or 1)
+    if count == 1:
+        return ids, mask
+    return ids.repeat_interleave(count, dim=0), mask.repeat_interleave(count, dim=0)
+
+
+def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch.Tensor) -> tuple[int, Any]:
+    """max_new_tokens exactly as transformers derives it for this era, and the config with its final
+    max_length (forced_eos_token_id reads it)."""
     length = ids.shape[1]
     config = model._prepare_generated_length(
         generation_config=config,
@@ -457,10 +483,7 @@ def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch
     )
     max_new = int(config.max_length) - length
     _require(max_new >= 1, f"max_length {config.max_length} leaves no room after {length} prompt tokens")
-    min_length = int(config.min_length or 0)
-    if config.min_new_tokens:
-        min_length = max(min_length, length + int(config.min_new_tokens))
-    return max_new, min_length
+    return max_new, config
 
 
 def plan_request(
@@ -480,29 +503,30 @@ def plan_request(
     except Exception as exc:  # transformers will raise it again, with its own message
         raise Fallback(f"transformers rejected the generation config: {exc!r}") from exc
     _check_options(config)
-    sampling = _sampling(config)
     eos, pad = _special_tokens(config)
     cpu_ids = ids.to("cpu", torch.int64)
     mask = _attention_mask(model_kwargs, cpu_ids, eos, pad)
+    cpu_ids, mask = _expand(config, cpu_ids, mask)
     cache = _user_cache(model, model_kwargs, config, policy)
     model_kwargs.pop("use_cache", None)
     leftover = sorted(
         name for name, value in model_kwargs.items() if value is not None and value is not False
     )
     _require(not leftover, f"model kwargs not supported: {leftover}")
-    max_new, min_length = _lengths(model, config, tuple(has_default), cpu_ids)
+    max_new, config = _lengths(model, config, tuple(has_default), cpu_ids)
+    logits = _pipeline(model, config, cpu_ids, mask)
     if cache is not None:
-        _check_user_cache(cache, ids.shape[0])
+        _check_user_cache(cache, cpu_ids.shape[0])
     bucket, cache_len = _layout(ids.shape[1], max_new, cache)
     return Plan(
         input_ids=cpu_ids,
         attention_mask=mask,
         out_device=ids.device,
         max_new_tokens=max_new,
-        min_length=min_length if eos else 0,
         eos_token_ids=eos,
         pad_token_id=0 if pad is None else pad,
-        sampling=sampling,
+        do_sample=bool(config.do_sample),
+        logits=logits,
         return_dict=bool(config.return_dict_in_generate),
         output_scores=bool(config.output_scores),
         output_logits=bool(config.output_logits),

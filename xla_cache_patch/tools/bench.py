@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xla_cache_patch.compat import installed_version
-from xla_cache_patch.tools.bench_worker import VARIANTS
+from xla_cache_patch.tools.bench_worker import CHAT_CALL, VARIANTS
 from xla_cache_patch.tools.tiny import PRESETS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
@@ -198,9 +198,13 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
     return row
 
 
+#: Each patched generate variant and the stock one it is compared with (same call, same length).
+STOCK_OF = {"generate-patched": "generate-stock", "generate-chat-config": "generate-stock-chat-config"}
+
+
 def speedups(rows: list[dict[str, Any]]) -> list[str]:
-    """The lines printed under the table: what warm-up bought (generate-warmed rows), and cold
-    generate-patched against generate-stock at the same length, also stored in the patched row
+    """The lines printed under the table: what warm-up bought (generate-warmed rows), and each cold
+    patched call against its stock one at the same length (``STOCK_OF``), also stored in the patched row
     (``cold_speedup``). A crashed stock row is a lower bound on its time, so the speed-up is too."""
     lines = []
     by_key = {_key(r): r for r in rows}
@@ -212,8 +216,9 @@ def speedups(rows: list[dict[str, Any]]) -> list[str]:
                 f"{warmed.get('compiles')} graphs in {warmed.get('wall_s', 0):.2f} s."
             )
     for (variant, n), fast in by_key.items():
-        stock = by_key.get(("generate-stock", n))
-        if variant != "generate-patched" or stock is None or "error" in fast:
+        stock_variant = STOCK_OF.get(variant)
+        stock = by_key.get((stock_variant, n)) if stock_variant else None
+        if stock is None or "error" in fast:
             continue
         if not stock.get("wall_s") or not fast.get("wall_s"):
             continue
@@ -222,13 +227,13 @@ def speedups(rows: list[dict[str, Any]]) -> list[str]:
         fast["cold_speedup_lower_bound"] = bool(stock.get("crashed"))
         if stock.get("crashed"):
             lines.append(
-                f"generate-patched x{n} cold: at least {ratio:.0f}x faster than generate-stock, which "
+                f"{variant} x{n} cold: at least {ratio:.0f}x faster than {stock_variant}, which "
                 f"{'timed out' if stock.get('timed_out') else 'crashed'} after {stock.get('compiles')} "
                 f"graphs and {stock['wall_s']:.0f} s ({stock['crash']})."
             )
         else:
             lines.append(
-                f"generate-patched x{n} cold: {ratio:.0f}x faster than generate-stock "
+                f"{variant} x{n} cold: {ratio:.0f}x faster than {stock_variant} "
                 f"({fast['wall_s']:.1f} s and {fast.get('compiles')} graphs against {stock['wall_s']:.0f} s "
                 f"and {stock.get('compiles')} graphs)."
             )
@@ -366,6 +371,12 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
         "CPU eager ms/token: the same call in torch eager on the same cores (no XLA), warm.",
         "A crashed row: the graphs compiled and seconds run before the crash (lower bounds).",
     ]
+    if any(r["variant"] in CHAT_CALL for r in rows):
+        notes += [
+            "generate-(stock-)chat-config: Qwen2.5-Instruct's generation config (sampling, temperature 0.7,",
+            "top-k 20, top-p 0.8, repetition penalty 1.05), seeded; tokens = CPU is '-' (XLA's RNG is not",
+            "CPU's): the JSON's same_tokens_cold_steady compares the two XLA calls.",
+        ]
     capped = [r for r in rows if r.get("capped")]
     if capped:
         asked = ", ".join(str(n) for n in sorted({r["requested_new_tokens"] for r in capped}))

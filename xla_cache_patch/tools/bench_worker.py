@@ -30,6 +30,8 @@ VARIANTS = (
     "generate-patched",
     "generate-warmed",
     "generate-stock-noeos",
+    "generate-stock-chat-config",
+    "generate-chat-config",
     "loop-stock",
     "loop-inplace",
     "loop-functional",
@@ -40,10 +42,25 @@ VARIANTS = (
 # cache_implementation="static").
 # generate-warmed: the fast path after xla_cache_patch.warmup() for that call's shape (the cold call is
 # then the first request a warmed-up server answers).
-USER_CALL = ("generate-stock", "generate-patched", "generate-warmed")
+# generate-(stock-)chat-config: that call with Qwen2.5-Instruct's generation config set on the model
+# (sampling, top-k/top-p, repetition penalty, two eos ids), seeded: XLA's RNG is not CPU's, so its tokens
+# are compared between the cold and the steady call, not with CPU.
+CHAT_CALL = ("generate-stock-chat-config", "generate-chat-config")
+USER_CALL = ("generate-stock", "generate-patched", "generate-warmed", *CHAT_CALL)
+#: Qwen/Qwen2.5-0.5B-Instruct's generation_config.json (its decoding options).
+CHAT_CONFIG: dict[str, Any] = {
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.05,
+    "eos_token_id": [151645, 151643],
+}
+CHAT_SEED = 0
 PATCH_MODE = {
     "generate-patched": "inplace",
     "generate-warmed": "inplace",
+    "generate-chat-config": "inplace",
     "loop-inplace": "inplace",
     "loop-functional": "functional",
 }
@@ -121,6 +138,13 @@ def _fixed_length(model: Any) -> None:
             gen_config.pad_token_id = 0
 
 
+def _chat_config(model: Any) -> None:
+    """Qwen2.5-Instruct's decoding options on the model's generation config (eos ids past a smaller
+    vocabulary never occur: every call then makes the requested number of tokens)."""
+    for name, value in CHAT_CONFIG.items():
+        setattr(model.generation_config, name, value)
+
+
 def _new_tokens_of(out: Any, prompt: Any) -> Any:
     """Strip the prompt when ``generate`` returned it in front of the new tokens."""
     import torch
@@ -158,7 +182,13 @@ def _run(
         return result.tokens, result.step_compiles, result.cache
     device = next(model.parameters()).device
     compat.drop_model_cache(model)
-    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False}
+    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens}
+    if variant in CHAT_CALL:
+        import torch
+
+        torch.manual_seed(CHAT_SEED)  # the fast path seeds XLA's RNG from torch's
+    else:
+        kwargs["do_sample"] = False
     if variant not in USER_CALL:
         kwargs["cache_implementation"] = "static"
     if mask is not None:
@@ -303,6 +333,19 @@ def _decode_step_ms(new_tokens: int) -> float | None:
     return round(sum(samples[1:]) / (new_tokens - 1) / 1e6, 3)
 
 
+def _timed(
+    args: argparse.Namespace, model: Any, ids: Any, mask: Any
+) -> tuple[tuple[Any, list[int], Any], float, Any]:
+    """One XLA run of the variant: its result, wall seconds and the compile counters around it."""
+    import torch
+
+    with torch.no_grad(), count_compiles() as counted:
+        start = time.perf_counter()
+        result = _run(args.variant, model, ids, mask, args.new_tokens, True, args.spmd, args.cache_len)
+        wall = time.perf_counter() - start
+    return result, wall, counted
+
+
 def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str, Any]:
     """CPU eager reference, then a cold and a steady XLA run of the same variant."""
     import torch
@@ -311,6 +354,8 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
     row: dict[str, Any] = {"variant": args.variant, "new_tokens": args.new_tokens}
     beat.phase("load")
     model = _load_model(args)
+    if args.variant in CHAT_CALL:
+        _chat_config(model)
     mask = None
     if args.variant in USER_CALL:
         ids, mask = tiny.padded_prompts(model.config.vocab_size, args.prompt_len)
@@ -342,20 +387,10 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
         )
         row["warmup_s"] = round(time.perf_counter() - start, 3)
     beat.phase("cold")
-    with torch.no_grad(), count_compiles() as cold:
-        start = time.perf_counter()
-        tokens, step_compiles, cache = _run(
-            args.variant, model, ids, mask, args.new_tokens, True, args.spmd, args.cache_len
-        )
-        wall = time.perf_counter() - start
+    (tokens, step_compiles, cache), wall, cold = _timed(args, model, ids, mask)
     met.clear_all()  # the steady call's ExecuteTime samples only (the counters below count from here)
     beat.phase("steady")
-    with torch.no_grad(), count_compiles() as steady:
-        start = time.perf_counter()
-        again, _, cache = _run(
-            args.variant, model, ids, mask, args.new_tokens, True, args.spmd, args.cache_len
-        )
-        steady_wall = time.perf_counter() - start
+    (again, _, cache), steady_wall, steady = _timed(args, model, ids, mask)
 
     ms_per_token = 1000 * steady_wall / args.new_tokens
     exec_ms = steady.execute_time_ns / 1e6 / args.new_tokens
@@ -366,7 +401,10 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
         compiles=cold.compiles,
         executions=cold.executions,
         aliased_buffers=cold.aliased_buffers,
-        tokens_match_cpu=bool(torch.equal(tokens, reference) and torch.equal(again, reference)),
+        tokens_match_cpu=None  # sampled on XLA's RNG: compared cold against steady (same seed) instead
+        if args.variant in CHAT_CALL
+        else bool(torch.equal(tokens, reference) and torch.equal(again, reference)),
+        same_tokens_cold_steady=bool(torch.equal(tokens, again)),
         wall_s=round(wall, 3),
         ms_per_token=round(ms_per_token, 3),
         execute_ms_per_step=round(exec_ms, 4),
