@@ -21,6 +21,7 @@ import torch_xla
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan, Sampling
 from xla_cache_patch.fastgen.replay import StepReplay, cache_numbers, cache_tensors
+from xla_cache_patch.fastgen.stopping import HostStops, initial_window, stop_string_hits
 from xla_cache_patch.fastgen.swaps import explicit_masks, xla_cpu_dots
 
 log = logging.getLogger("xla_cache_patch.fastgen")
@@ -37,11 +38,13 @@ class _State:
     out: torch.Tensor  # [B, C + 1] produced tokens, by slot
     unfinished: torch.Tensor | None  # [B] 1 while a row has not produced eos (None: no eos)
     produced: torch.Tensor | None  # [] steps transformers would have run (None: no eos)
+    window: torch.Tensor | None = None  # [B, W] the last W tokens, for stop strings (None: none)
+    stopped_at: torch.Tensor | None = None  # [B] slot of a row's last token, -1 while running (host stops)
 
     def tensors(self) -> list[torch.Tensor]:
         """The state in a fixed order (what a replayed step reads and writes, with the cache buffers)."""
         fields_ = (self.token, self.position, self.slot, self.mask, self.out, self.unfinished, self.produced)
-        return [t for t in fields_ if t is not None]
+        return [t for t in (*fields_, self.window, self.stopped_at) if t is not None]
 
 
 @dataclass
@@ -154,6 +157,20 @@ def _finish(
     return tokens, state.unfinished.max()
 
 
+def _device_stops(
+    tokens: torch.Tensor, slot: torch.Tensor, state: _State, plan: Plan, alive: torch.Tensor | None
+) -> torch.Tensor | None:
+    """After eos: finish rows whose text now ends with a stop string, and note where rows finished."""
+    if plan.stop_strings is not None and state.window is not None and state.unfinished is not None:
+        state.window, hit = stop_string_hits(plan.stop_strings, state.window, tokens)
+        state.unfinished = state.unfinished * (~hit).long()
+        alive = state.unfinished.max()
+    if state.stopped_at is not None and state.unfinished is not None:
+        newly = (state.unfinished == 0) & (state.stopped_at < 0)
+        state.stopped_at = torch.where(newly, slot, state.stopped_at)
+    return alive
+
+
 def _extras(
     alive: torch.Tensor | None, scores: torch.Tensor, logits: torch.Tensor, plan: Plan
 ) -> list[torch.Tensor]:
@@ -187,27 +204,42 @@ class _Collected:
 def _prefill(
     model: Any, plan: Plan, cache: Any, device: torch.device, consts: _Constants
 ) -> tuple[_State, list[torch.Tensor]]:
+    """Prefill ``input_ids[:, held:]`` left-padded to the bucket, at cache slots ``held..held + P - 1``.
+
+    ``held`` is 0 for a fresh cache, or the tokens a continued cache holds: their slots keep their mask
+    (the first ``held`` columns of the user's mask) and the new tokens' positions continue from there.
+    """
     batch, length = plan.input_ids.shape
-    bucket, width = plan.prompt_bucket, plan.cache_len
+    held, bucket, width = plan.cache_start, plan.prompt_bucket, plan.cache_len
+    chunk = length - held
+    first = plan.first_slot
     ids = torch.full((batch, bucket), plan.pad_token_id, dtype=torch.int64)
-    ids[:, bucket - length :] = plan.input_ids
+    ids[:, bucket - chunk :] = plan.input_ids[:, held:]
     mask = torch.zeros((batch, width), dtype=torch.int64)
-    mask[:, bucket - length : bucket] = plan.attention_mask
-    prompt_mask = mask[:, :bucket]
-    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    mask[:, :held] = plan.attention_mask[:, :held]
+    mask[:, first - chunk : first] = plan.attention_mask[:, held:]
+    user_positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill(plan.attention_mask == 0, 1)
+    positions = torch.ones((batch, bucket), dtype=torch.int64)
+    positions[:, bucket - chunk :] = user_positions[:, held:]
+    tracks = bool(plan.eos_token_ids)  # rows can finish
+    host_tracks = tracks and plan.host_stops  # the host reads where they finished
+    window = None if plan.stop_strings is None else initial_window(plan.stop_strings, plan.input_ids)
     state = _State(
         token=torch.zeros((batch, 1), dtype=torch.int64, device=device),
-        position=prompt_mask.sum(-1, keepdim=True).to(device),
-        slot=torch.tensor([bucket], dtype=torch.int64, device=device),
+        position=plan.attention_mask.sum(-1, keepdim=True).to(device),
+        slot=torch.tensor([first], dtype=torch.int64).to(device),
         mask=mask.to(device),
         out=torch.zeros((batch, width + 1), dtype=torch.int64, device=device),
-        unfinished=torch.ones(batch, dtype=torch.int64, device=device) if plan.eos_token_ids else None,
-        produced=torch.zeros((), dtype=torch.int64, device=device) if plan.eos_token_ids else None,
+        unfinished=torch.ones(batch, dtype=torch.int64, device=device) if tracks else None,
+        produced=torch.zeros((), dtype=torch.int64, device=device) if tracks else None,
+        window=None if window is None else window.to(device),
+        stopped_at=torch.full((batch,), -1, dtype=torch.int64).to(device) if host_tracks else None,
     )
-    slots = torch.arange(bucket, dtype=torch.int64, device=device)
+    slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
     logits = _forward(model, plan, cache, ids.to(device), state.mask, positions.to(device), slots)
     scores, tokens = _choose(logits, state.slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
+    alive = _device_stops(tokens, state.slot, state, plan, alive)
     state.out = state.out.index_copy(1, state.slot, tokens[:, None])
     state.token = tokens[:, None]
     return state, _extras(alive, scores, logits, plan)
@@ -221,6 +253,7 @@ def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constant
     produced_slot = state.slot + 1
     scores, tokens = _choose(logits, produced_slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
+    alive = _device_stops(tokens, produced_slot, state, plan, alive)
     state.out = state.out.index_copy(1, produced_slot, tokens[:, None])
     state.token = tokens[:, None]
     state.position = state.position + 1
@@ -236,8 +269,8 @@ def _constants(plan: Plan, device: torch.device, vocab: int) -> _Constants:
         flags = torch.zeros(vocab, dtype=torch.bool)
         flags[[i for i in plan.eos_token_ids if 0 <= i < vocab]] = True
         eos_vocab = flags.to(device)
-    # token t is produced at slot P + t; eos stays masked while L + t < min_length
-    block_until = plan.prompt_bucket + max(plan.min_length - length, 0)
+    # token t is produced at slot first_slot + t; eos stays masked while L + t < min_length
+    block_until = plan.first_slot + max(plan.min_length - length, 0)
     sampling: Sampling = plan.sampling or Sampling(1.0, 0, 1.0)
     ints = torch.tensor([plan.pad_token_id, block_until, sampling.top_k or vocab], dtype=torch.int64)
     floats = torch.tensor([sampling.temperature, sampling.top_p], dtype=torch.float32)
@@ -271,6 +304,11 @@ def run(model: Any, plan: Plan) -> Any:
     collected = _Collected()
     if plan.sampling is not None:
         _seed_xla_rng(device)
+    host = HostStops(plan) if plan.host_stops else None  # puts the prompt into the streamer
+    if plan.stop_strings is not None:  # its vocabulary table and target lengths become device data
+        plan.stop_strings.embedding_vec = plan.stop_strings.embedding_vec.to(device)
+        plan.stop_strings.target_lens = plan.stop_strings.target_lens.to(device)
+    scores = collected.scores if plan.return_dict and plan.output_scores else None
     with torch.no_grad(), explicit_masks(), xla_cpu_dots(device):
         state, extras = _prefill(model, plan, cache, device, consts)
         torch_xla.sync()
@@ -281,18 +319,30 @@ def run(model: Any, plan: Plan) -> Any:
             device,
             enabled=plan.replay,
         )
-        steps, lagged = 1, None
+        steps = 1
         every = plan.eos_check_every
         last = plan.max_new_tokens if plan.stop_after is None else min(plan.max_new_tokens, plan.stop_after)
+        # The device-only check reads the flag of the step before the last one queued (already computed,
+        # so the host keeps the device fed); extra steps it costs are trimmed from the result. Host stops
+        # need the tokens themselves, so they read up to the last step.
+        alive_before_last_step = None
         while steps < last:
-            # `lagged` is the flag of the step before the last one queued: reading it waits for a step that is
-            # (nearly) done, so the host keeps the device fed. The extra step it may cost is trimmed below.
-            if lagged is not None and every and steps % every == 0 and not bool(lagged.item()):
-                break
-            lagged = collected.alive
+            if every and steps % every == 0:
+                if host is not None:
+                    if host.advance(state.out, state.stopped_at, steps, scores):
+                        break
+                elif alive_before_last_step is not None and not bool(alive_before_last_step.item()):
+                    break
+            alive_before_last_step = collected.alive
             collected.take(replay.step(lambda: _decode(model, plan, cache, state, consts)), plan)
             steps += 1
-    produced = steps if state.produced is None else int(state.produced.item())
+    new_tokens = None
+    if host is not None:
+        host.advance(state.out, state.stopped_at, steps, scores)
+        new_tokens = host.finish()
+        produced = new_tokens.shape[1]
+    else:
+        produced = steps if state.produced is None else int(state.produced.item())
     log.debug(
         "fast path done: %d steps run, %d replayed without tracing, %d tokens kept",
         steps,
@@ -301,38 +351,68 @@ def run(model: Any, plan: Plan) -> Any:
     )
     if plan.cache is not None or plan.return_dict:  # the cache reaches the user: make it continuable
         _settle(adapter, cache, plan, produced, device)
-    return _outputs(plan, state, cache, produced, collected)
+    return _outputs(plan, state, cache, produced, collected, new_tokens)
 
 
 def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, device: torch.device) -> None:
     """Give the cache the content and length transformers' loop would have left in it.
 
-    Ours holds the prompt left-padded to the bucket (slots shifted by ``P - L``) and maybe a few steps past
-    the last kept token (the lagged stop check). Shift every full-attention buffer back, zero the rest and
-    set the era's length counter: one small graph, compiled once per cache shape, and only for a cache the
+    Ours holds the held tokens (a continuation), then the new chunk left-padded to the bucket (slots
+    shifted by ``P - chunk``), then the generated tokens, maybe a few steps past the last kept one (the
+    stop check reads a flag one step late). Shift every full-attention buffer back, zero the rest and set
+    the era's length counter: one small graph, compiled once per cache shape, and only for a cache the
     user keeps. A rolling sliding window cannot be rebuilt that way: such a cache is marked, and continuing
     it raises StaleCacheError (after ``cache.reset()`` it is usable again).
     """
-    layers = getattr(cache, "layers", None)
-    if layers is not None and any(getattr(layer, "is_sliding", False) for layer in layers):
-        setattr(cache, STALE_ATTR, "its sliding-window layers hold the bucket-padded prompt")
+    held, length = plan.cache_start, plan.input_ids.shape[1]
+    shift = plan.prompt_bucket - (length - held)
+    layers = getattr(cache, "layers", None) or ()
+    windows = [int(layer.max_cache_len) for layer in layers if getattr(layer, "is_sliding", False)]
+    if windows:
+        setattr(cache, STALE_ATTR, _sliding_reason(min(windows), plan, produced))
         return
-    length = plan.input_ids.shape[1] + produced - 1  # the last token is never fed back
+    total = length + produced - 1  # the last token is never fed back
     width = plan.cache_len
-    source = (torch.arange(width) + (plan.prompt_bucket - plan.input_ids.shape[1])).clamp_(max=width - 1)
-    keep = (torch.arange(width) < length).reshape(1, 1, width, 1)
+    slots = torch.arange(width)
+    source = (slots + torch.where(slots >= held, shift, 0)).clamp_(max=width - 1)
+    keep = (slots < total).reshape(1, 1, width, 1)
     source, keep = source.to(device), keep.to(device)
     for buf in adapter.cache_buffers(cache):
         buf.copy_(
             torch.where(keep, buf.index_select(2, source), torch.zeros((), dtype=buf.dtype, device=device))
         )
-    adapter.set_length(cache, length)
+    adapter.set_length(cache, total)
     torch_xla.sync()
 
 
-def _outputs(plan: Plan, state: _State, cache: Any, produced: int, collected: _Collected) -> Any:
-    start = plan.prompt_bucket
-    new_tokens = state.out.cpu()[:, start : start + produced]
+def _sliding_reason(window: int, plan: Plan, produced: int) -> str:
+    """Why a sliding-window cache the fast path filled cannot be continued, with its numbers."""
+    length = plan.input_ids.shape[1]
+    pad = plan.prompt_bucket - (length - plan.cache_start)
+    written = plan.first_slot + produced - 1
+    why = (
+        f"{written - window} of them rolled out of the window, tokens transformers' loop would still hold"
+        if written > window
+        else "the fast path does not shift a sliding window back over its padding"
+    )
+    return (
+        f"its sliding-window layers (a rolling window of {window} slots) hold {length + produced - 1} tokens "
+        f"laid out after {pad} bucket-padding slots, {written} slots written: {why}"
+    )
+
+
+def _outputs(
+    plan: Plan,
+    state: _State,
+    cache: Any,
+    produced: int,
+    collected: _Collected,
+    new_tokens: torch.Tensor | None = None,
+) -> Any:
+    """What generate returns; ``new_tokens`` are the host's (host stops), else read from the device."""
+    if new_tokens is None:
+        start = plan.first_slot
+        new_tokens = state.out.cpu()[:, start : start + produced]
     sequences = torch.cat([plan.input_ids, new_tokens], dim=1).to(plan.out_device)
     if not plan.return_dict:
         return sequences
