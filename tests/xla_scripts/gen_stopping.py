@@ -30,7 +30,6 @@ from tests.xla_scripts.gen_cases import (
     build,
     compiles,
     on_xla,
-    pick_eos,
     prompts,
     sequences,
 )
@@ -40,11 +39,15 @@ CHARS = [" ", "\n"] + [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in ran
 assert len(CHARS) == VOCAB
 
 
-def tokenizer() -> Any:
-    """A WordLevel tokenizer of single characters (token i is CHARS[i]) with a Fuse decoder."""
+def tokenizer(space: int = 0, newline: int = 1) -> Any:
+    """A WordLevel tokenizer of single characters (token i is CHARS[i]; ``space`` and ``newline`` are the
+    tokens of " " and "\\n") with a Fuse decoder."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token=CHARS[-1]))
+    chars = list(CHARS)
+    chars[0], chars[space] = chars[space], chars[0]
+    chars[1], chars[newline] = chars[newline], chars[1]
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=chars[-1]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
@@ -136,12 +139,11 @@ def case_criteria(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     ref_lm = model.generate(ids, attention_mask=mask, **lm_eval_call())
+    ref_row_criterion = RowToken(1, row_token)
     ref_row = model.generate(
-        ids,
-        eos_token_id=eos,
-        stopping_criteria=transformers.StoppingCriteriaList([RowToken(1, row_token)]),
-        **kw,
+        ids, eos_token_id=eos, stopping_criteria=transformers.StoppingCriteriaList([ref_row_criterion]), **kw
     )
+    ref_zero = model.generate(ids, eos_token_id=eos, max_time=0.0, **kw)
     ref_time = model.generate(ids, eos_token_id=eos, max_time=60.0, **kw)
     xla_cache_patch.apply()
     model = on_xla(model)
@@ -185,16 +187,17 @@ def case_stop_strings(args: argparse.Namespace) -> dict[str, Any]:
     """stop_strings + tokenizer on the device; another stop string of the same table shape compiles 0."""
     tok = tokenizer()
     model = build("llama")
-    ids, mask = prompts(2)
+    ids, mask = prompts(2, seed=args.seed)
     kw = base_kwargs(args.new_tokens, mask)
     free = model.generate(ids, eos_token_id=None, **kw)
-    eos = pick_eos(free, ids.shape[1])
     new = free[:, ids.shape[1] :]
+    _, eos = stops_for(new, 8)
     # two-character stop strings: one ends row 1's text early, the other one row 0's (distinct characters)
     first = text(new[1, 1:3].tolist())
     second = text(new[0, 2:4].tolist())
     if len(set(first)) < 2 or len(set(second)) < 2:
         raise SystemExit("stop strings with a repeated character: change the prompt seed")
+    plain = model.generate(ids, eos_token_id=eos, **kw)
     refs = {
         s: model.generate(ids, eos_token_id=eos, stop_strings=s, tokenizer=tok, **kw) for s in (first, second)
     }
@@ -219,6 +222,7 @@ def case_stop_strings(args: argparse.Namespace) -> dict[str, Any]:
         "took": RECORDS.took(),
         "stop_strings": [first, second],
         "match": [results[first], results[second]],
+        "refs_differ_from_plain": [not torch.equal(refs[s], plain) for s in (first, second)],
         "ref_lens": [refs[first].shape[1], refs[second].shape[1]],
         "full_len": ids.shape[1] + args.new_tokens,
         "compiles": [counts[first], counts[second]],
@@ -241,14 +245,16 @@ class Collect(transformers.TextStreamer):
 
 def case_streamers(args: argparse.Namespace) -> dict[str, Any]:
     """TextStreamer (printed), TextIteratorStreamer (read in another thread), a raw streamer: batch 1."""
-    tok = tokenizer()
     model = build("llama")
-    ids, mask = prompts(1)
+    ids, mask = prompts(1, seed=args.seed)
     kw = base_kwargs(args.new_tokens, mask)
-    free = model.generate(ids, eos_token_id=None, **kw)
-    eos = int(free[0, ids.shape[1] + args.new_tokens // 2])  # stops about half way
-    if eos in free[0, ids.shape[1] : ids.shape[1] + args.new_tokens // 2].tolist():
-        eos = None  # produced earlier too: run to the end
+    new = model.generate(ids, eos_token_id=None, **kw)[0, ids.shape[1] :].tolist()
+    # a space at step 1 and a newline at step 3 (TextStreamer prints up to the last space, and all at a
+    # newline: its pieces depend on when the tokens arrive); eos at step 5
+    if len(set(new[:6])) < 6:
+        raise SystemExit(f"repeated tokens in {new[:6]}: change --seed")
+    eos = new[5]
+    tok = tokenizer(space=new[1], newline=new[3])
 
     def printed(call: Any) -> str:
         buffer = io.StringIO()
@@ -290,18 +296,19 @@ def case_streamers(args: argparse.Namespace) -> dict[str, Any]:
 
     got = sequences(fast(None))
     got_print, got_iter, got_puts = printed(fast), iterated(fast), recorded(fast)
+    took = RECORDS.took()
     ids2, _ = prompts(2)
-    RECORDS.lines.clear()
     batch_reason = xla_cache_patch.fastgen.decide(
         model, (ids2.to(device),), dict(streamer=RawStreamer(), max_new_tokens=4)
     )
     return {
-        "took": RECORDS.took(),
+        "took": took,
         "eos": eos,
         "match": torch.equal(got, ref),
         "len": ref.shape[1],
         "print_match": got_print == ref_print,
-        "iter_text_match": "".join(got_iter) == "".join(ref_iter),
+        "iter_match": got_iter == ref_iter,
+        "iter_text": "".join(got_iter),
         "puts_match": got_puts == ref_puts,
         "n_puts": len(got_puts),
         "printed": got_print,
@@ -333,10 +340,10 @@ def _new_static_cache(model: Any, batch: int, length: int, device: Any) -> Any:
 def case_continuation(args: argparse.Namespace) -> dict[str, Any]:
     """Three chat turns through the cache each call returns, on a left-padded batch of 2 with eos."""
     model = build(args.model)
-    ids, mask = prompts(2)
+    ids, mask = prompts(2, seed=args.seed)
     kw = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
     free = model.generate(ids, attention_mask=mask, eos_token_id=None, **kw).sequences
-    eos = pick_eos(free, ids.shape[1])
+    _, eos = stops_for(free[:, ids.shape[1] :], 8)
     gen = torch.Generator().manual_seed(9)
     user_turns = [torch.randint(3, PAD - 1, (2, n), generator=gen) for n in (3, 6)]  # same chunk bucket
     cache_arg = "cache" if compat.cache_kwarg(model) == "cache" else "past_key_values"

@@ -136,9 +136,10 @@ def generate_wrapper(
     if isinstance(result, Fallback):
         return _fallback(wrapped, args, own_free, result)
     log.debug(
-        "fast path: batch=%d prompt=%d bucket=%d cache=%d max_new_tokens=%d sampling=%s",
+        "fast path: batch=%d prompt=%d held=%d bucket=%d cache=%d max_new_tokens=%d sampling=%s",
         result.input_ids.shape[0],
         result.input_ids.shape[1],
+        result.cache_start,
         result.prompt_bucket,
         result.cache_len,
         result.max_new_tokens,

@@ -39,7 +39,7 @@ class _State:
     unfinished: torch.Tensor | None  # [B] 1 while a row has not produced eos (None: no eos)
     produced: torch.Tensor | None  # [] steps transformers would have run (None: no eos)
     window: torch.Tensor | None = None  # [B, W] the last W tokens, for stop strings (None: none)
-    stopped_at: torch.Tensor | None = None  # [B] slot of a row's last token, -1 while running (host stops)
+    stopped_at: torch.Tensor | None = None  # [B] slot of a row's last token, -1 while running (no eos: None)
 
     def tensors(self) -> list[torch.Tensor]:
         """The state in a fixed order (what a replayed step reads and writes, with the cache buffers)."""
@@ -222,7 +222,6 @@ def _prefill(
     positions = torch.ones((batch, bucket), dtype=torch.int64)
     positions[:, bucket - chunk :] = user_positions[:, held:]
     tracks = bool(plan.eos_token_ids)  # rows can finish
-    host_tracks = tracks and plan.host_stops  # the host reads where they finished
     window = None if plan.stop_strings is None else initial_window(plan.stop_strings, plan.input_ids)
     state = _State(
         token=torch.zeros((batch, 1), dtype=torch.int64, device=device),
@@ -233,7 +232,7 @@ def _prefill(
         unfinished=torch.ones(batch, dtype=torch.int64, device=device) if tracks else None,
         produced=torch.zeros((), dtype=torch.int64, device=device) if tracks else None,
         window=None if window is None else window.to(device),
-        stopped_at=torch.full((batch,), -1, dtype=torch.int64).to(device) if host_tracks else None,
+        stopped_at=torch.full((batch,), -1, dtype=torch.int64).to(device) if tracks else None,
     )
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
     logits = _forward(model, plan, cache, ids.to(device), state.mask, positions.to(device), slots)
@@ -390,14 +389,11 @@ def _sliding_reason(window: int, plan: Plan, produced: int) -> str:
     length = plan.input_ids.shape[1]
     pad = plan.prompt_bucket - (length - plan.cache_start)
     written = plan.first_slot + produced - 1
-    why = (
-        f"{written - window} of them rolled out of the window, tokens transformers' loop would still hold"
-        if written > window
-        else "the fast path does not shift a sliding window back over its padding"
-    )
     return (
-        f"its sliding-window layers (a rolling window of {window} slots) hold {length + produced - 1} tokens "
-        f"laid out after {pad} bucket-padding slots, {written} slots written: {why}"
+        f"its sliding-window layers (a rolling window of {window} slots) hold the last "
+        f"{min(written, window)} of {written} slots written: {length + produced - 1} tokens after {pad} "
+        "bucket-padding slots, a layout transformers' loop cannot continue from, and the fast path does "
+        "not rebuild a rolling window"
     )
 
 
