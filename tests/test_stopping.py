@@ -98,8 +98,9 @@ def test_continuation_through_the_returned_cache(era: Path | None) -> None:
     assert result["match"] == [True, True, True], result
     assert result["fresh_equals_continued"] == [True, True]
     assert result["eos_rows"][0] == [True, False]  # row 0 stopped in turn 1 (padding in the conversation)
-    first, second, third = result["compiles"]
-    assert first <= 3 and second <= 1 and third == 0, result["compiles"]
+    # turn 1: prefill, decode, settling the returned cache; turn 2: the prefill on allocated buffers (turn
+    # 1's also allocated them); turn 3: nothing. 4.46 adds its length read (a reduction over the keys).
+    assert result["compiles"] == ([3, 1, 0] if era is None else [4, 2, 0]), result["compiles"]
 
 
 @pytest.mark.xla
