@@ -116,7 +116,7 @@ def test_sliding_window_continuation_says_why() -> None:
 
 def _char_tokenizer() -> Any:
     pytest.importorskip("tokenizers")
-    from tests.xla_scripts.gen_stopping import tokenizer
+    from tests.xla_scripts.chars import tokenizer
 
     return tokenizer()
 
@@ -202,3 +202,22 @@ def test_host_stops_stream_prompt_then_each_token() -> None:
     host.advance(out, torch.tensor([18]), 4, None)
     assert torch.equal(host.finish(), torch.tensor([[4, 5, 7]])) and ended == [True]
     assert puts == [[9, 1, 2], [4], [5], [7]]
+
+
+def test_mode_args_taken_refused_and_explained() -> None:
+    from xla_cache_patch.fastgen.plan import Fallback, _check_mode_args
+
+    criterion = _Counting(0, 3)
+    streamer = object()
+    kwargs = {"stopping_criteria": [criterion], "streamer": streamer, "tokenizer": "tok", "max_new_tokens": 2}
+    hooks = _check_mode_args(kwargs)
+    assert hooks.criteria == [criterion] and hooks.streamer is streamer and hooks.tokenizer == "tok"
+    assert kwargs == {"max_new_tokens": 2}
+    for name in ("logits_processor", "prefix_allowed_tokens_fn"):
+        with pytest.raises(Fallback) as caught:
+            _check_mode_args({name: [lambda *a: None]})
+        assert "cannot be compiled" in caught.value.fix and "stopping_criteria" in caught.value.fix
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    with pytest.raises(Fallback, match="MaxLengthCriteria"):
+        _check_mode_args({"stopping_criteria": [MaxLengthCriteria(max_length=5)]})

@@ -23,10 +23,10 @@ import torch_xla
 import transformers
 
 import xla_cache_patch
+from tests.xla_scripts.chars import CHARS, tokenizer
 from tests.xla_scripts.gen_cases import (
     PAD,
     RECORDS,
-    VOCAB,
     build,
     compiles,
     on_xla,
@@ -34,23 +34,6 @@ from tests.xla_scripts.gen_cases import (
     sequences,
 )
 from xla_cache_patch import compat
-
-CHARS = [" ", "\n"] + [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0xA1 + 160)]
-assert len(CHARS) == VOCAB
-
-
-def tokenizer(space: int = 0, newline: int = 1) -> Any:
-    """A WordLevel tokenizer of single characters (token i is CHARS[i]; ``space`` and ``newline`` are the
-    tokens of " " and "\\n") with a Fuse decoder."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    chars = list(CHARS)
-    chars[0], chars[space] = chars[space], chars[0]
-    chars[1], chars[newline] = chars[newline], chars[1]
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=chars[-1]))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def text(ids: list[int]) -> str:

@@ -61,7 +61,7 @@ def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: boo
         return plan_request(model, args, kwargs, options, policy)
     except Fallback as reason:
         return reason
-    except Exception as exc:  # planning only inspects; a surprise there must not break generate
+    except Exception as exc:  # a surprise while planning must not break generate
         return Fallback(f"could not plan the fast path: {exc!r}", on_xla=_on_xla(model))
 
 

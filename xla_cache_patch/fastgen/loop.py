@@ -6,7 +6,8 @@ positions of the real tokens stay those transformers uses); the attention mask a
 allocated once at their final length and written with ``index_copy`` at a device-side slot; positions,
 the slot, the finished rows and the sampling parameters are device tensors. The host only reads the
 "anything left to do?" flag every ``xla_eos_check_every`` steps, and then the flag of the previous step
-(already computed), so it keeps queueing work while the device runs.
+(already computed), so it keeps queueing work while the device runs. Host-side stopping criteria and
+streamers read the tokens themselves at those check points instead (``fastgen.stopping``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 The fast path must give the tokens transformers gives, so the generation config is built by the model's
 own ``_prepare_generation_config`` / ``_prepare_generated_length`` (their defaults moved between 4.41 and
-5.x). Every option that would make transformers add a logits processor, a stopping criterion or another
-decoding mode we do not implement is refused here with a reason, and the call goes to the original
-``generate``. Refusing is always safe; guessing is not.
+5.x). Every option that would make transformers add a logits processor or another decoding mode we do
+not implement is refused here with a reason, and the call goes to the original ``generate``. Refusing is
+always safe; guessing is not. Stopping criteria, stop strings and streamers are taken (``fastgen.stopping``).
+
+Planning reads nothing from the device except, for a user's cache, how many tokens it holds
+(``read_cache_length``, once per call): a filled cache is continued after them.
 """
 
 from __future__ import annotations
@@ -97,15 +100,14 @@ _MODE_ARGS = (
     "assistant_tokenizer",
 )
 _PER_STEP_PYTHON_FIX = (
-    "It runs arbitrary Python on the scores of every step, which cannot be compiled into the step graph. "
-    "Express it with generation options the fast path runs on the device (do_sample, temperature, top_k, "
-    "top_p, eos_token_id, min_new_tokens, stop_strings with tokenizer=) or a stopping_criteria (run on the "
-    "host every xla_eos_check_every steps), or keep it and accept a compiled graph per step. "
+    "runs arbitrary Python on every step, which cannot be compiled into the step graph. Express it with "
+    "generation options the fast path runs on the device (do_sample, temperature, top_k, top_p, "
+    "eos_token_id, min_new_tokens, stop_strings with tokenizer=) or as a stopping_criteria (run on the host "
+    "every xla_eos_check_every steps), or keep it and accept a compiled graph per step. "
 )
 _MODE_FIX = {
-    "logits_processor": _PER_STEP_PYTHON_FIX,
-    "prefix_allowed_tokens_fn": "prefix_allowed_tokens_fn (constrained decoding) calls Python per step and "
-    "row; " + _PER_STEP_PYTHON_FIX,
+    "logits_processor": "A logits_processor " + _PER_STEP_PYTHON_FIX,
+    "prefix_allowed_tokens_fn": "prefix_allowed_tokens_fn (constrained decoding) " + _PER_STEP_PYTHON_FIX,
 }
 # Criteria transformers builds itself from the generation config: a user's one of these types replaces
 # transformers' own (a merge the fast path does not reproduce), so such a list falls back.
