@@ -88,12 +88,13 @@ def test_streamers_give_stock_text(tokens: int, era: Path | None) -> None:
 
 
 @pytest.mark.parametrize("era", ERAS)
+@pytest.mark.parametrize("tokens", [8, 64])
 @pytest.mark.xla
 @pytest.mark.slow
-def test_continuation_through_the_returned_cache(era: Path | None) -> None:
+def test_continuation_through_the_returned_cache(tokens: int, era: Path | None) -> None:
     """Three chat turns, each passing the cache the previous call returned: CPU stock's tokens (with a
     DynamicCache; equal to a fresh generate of the whole conversation); turns 2 and 3 share a bucket."""
-    result = run_case("continuation", "--new-tokens", "8", era=era)
+    result = run_case("continuation", "--new-tokens", str(tokens), "--cache-len", "256", era=era)
     assert result["took"] == ["fast"] * 3, result
     assert result["match"] == [True, True, True], result
     assert result["fresh_equals_continued"] == [True, True]
@@ -221,3 +222,14 @@ def test_mode_args_taken_refused_and_explained() -> None:
 
     with pytest.raises(Fallback, match="MaxLengthCriteria"):
         _check_mode_args({"stopping_criteria": [MaxLengthCriteria(max_length=5)]})
+
+
+def test_host_stops_without_eos_do_not_pad() -> None:
+    """Without eos transformers does not pad a row a criterion stopped (no EosTokenCriteria): nor do we."""
+    from xla_cache_patch.fastgen.stopping import HostStops
+
+    host = HostStops(_host_plan([_Counting(row=0, at_length=4)], eos=()))
+    out = torch.zeros((2, 40), dtype=torch.int64)
+    out[:, 16:19] = torch.tensor([[4, 5, 6], [1, 2, 3]])
+    assert not host.advance(out, None, 3, None)
+    assert torch.equal(host.finish(), torch.tensor([[4, 5, 6], [1, 2, 3]]))

@@ -392,9 +392,10 @@ def _sliding_reason(window: int, plan: Plan, produced: int) -> str:
     written = plan.first_slot + produced - 1
     return (
         f"its sliding-window layers (a rolling window of {window} slots) hold the last "
-        f"{min(written, window)} of {written} slots written: {length + produced - 1} tokens after {pad} "
-        "bucket-padding slots, a layout transformers' loop cannot continue from, and the fast path does "
-        "not rebuild a rolling window"
+        f"{min(written, window)} of {written} slots written ({length + produced - 1} tokens after {pad} "
+        "bucket-padding slots); the fast path does not rebuild a rolling window, and a bucket-padded new "
+        "chunk would put padding slots inside the window, between the held tokens and the new ones, where "
+        "transformers has none"
     )
 
 
