@@ -141,7 +141,7 @@ def test_unsupported_calls_fall_back_and_match() -> None:
     result = run_case("fallback", "--new-tokens", "3")
     expected = {
         "num_beams": "num_beams=2",
-        "streamer": "streamer",
+        "logits_processor": "logits_processor",
         "encoder_repetition_penalty": "encoder_repetition_penalty",
         "cpu_model": "not on an XLA device",
         "dynamic_cache": "cache_implementation='dynamic'",

@@ -138,9 +138,13 @@ class Adapter:
 
         return python_numbers(self.storage.owners(cache))
 
-    def has_rolling_window(self, cache: Any) -> bool:
-        """Does the cache have sliding-window layers whose content rolls (and so cannot be shifted)?"""
-        return self.storage is not None and self.storage.rolling(cache)
+    def cache_windows(self, cache: Any) -> list[int]:
+        """Sizes of the cache's sliding-window layers whose content rolls (and so cannot be shifted)."""
+        return [] if self.storage is None else self.storage.windows(cache)
+
+    def cache_length(self, cache: Any) -> int:
+        """How many tokens the cache holds: a device read (it waits for pending work on the cache)."""
+        return int(cache.get_seq_length()) if self.storage is None else self.storage.held(cache)
 
     def left_alone_in(self, module: ModuleType) -> tuple[str, ...]:
         """What this era's ``module`` has that the patch does not wrap, with why (for ``status()``)."""

@@ -21,7 +21,8 @@ class Storage:
 
     owners: Callable[[Any], list[Any]]  # the objects holding the cache's attributes
     capacity: Callable[[Any], int | None]  # slots of the full-attention layers; None: all rolling windows
-    rolling: Callable[[Any], bool]  # has sliding-window layers that roll (their content cannot be moved)
+    windows: Callable[[Any], list[int]]  # sizes of the sliding-window layers that roll (content not movable)
+    held: Callable[[Any], int]  # tokens the cache holds (a device read)
     overrides: Callable[[ModuleType], tuple[str, ...]] = lambda module: ()  # layer classes with own update
 
 
@@ -84,14 +85,24 @@ def _layer_overrides(module: ModuleType) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _layer_held(cache: Any) -> int:
+    """5.x layers are allocated on the first write: a cache not yet allocated holds nothing."""
+    initialized = getattr(cache, "is_initialized", True)
+    if initialized is False or (not isinstance(initialized, bool) and not initialized):
+        return 0
+    return int(cache.get_seq_length())
+
+
 LISTS = Storage(
     owners=lambda cache: [cache],
     capacity=lambda cache: int(cache.max_cache_len),
-    rolling=lambda cache: False,  # a list-era StaticCache never windows (HybridCache is not accepted)
+    windows=lambda cache: [],  # a list-era StaticCache never windows (HybridCache is not accepted)
+    held=lambda cache: int(cache.get_seq_length()),
 )
 LAYERS = Storage(
     owners=lambda cache: [cache, *cache.layers],
     capacity=_layer_capacity,
-    rolling=lambda cache: any(getattr(layer, "is_sliding", False) for layer in cache.layers),
+    windows=lambda cache: [int(x.max_cache_len) for x in cache.layers if getattr(x, "is_sliding", False)],
+    held=_layer_held,
     overrides=_layer_overrides,
 )

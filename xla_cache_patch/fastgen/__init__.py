@@ -115,7 +115,7 @@ def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: boo
         return plan_request(model, args, kwargs, options, policy)
     except Fallback as reason:
         return reason
-    except Exception as exc:  # planning only inspects; a surprise there must not break generate
+    except Exception as exc:  # a surprise while planning must not break generate
         return Fallback(f"could not plan the fast path: {exc!r}", on_xla=_on_xla(model))
 
 
@@ -191,9 +191,10 @@ def generate_wrapper(
     if isinstance(result, Fallback):
         return _fallback(wrapped, args, own_free, result)
     log.debug(
-        "fast path: batch=%d prompt=%d bucket=%d cache=%d max_new_tokens=%d sampling=%s",
+        "fast path: batch=%d prompt=%d held=%d bucket=%d cache=%d max_new_tokens=%d sampling=%s",
         result.input_ids.shape[0],
         result.input_ids.shape[1],
+        result.cache_start,
         result.prompt_bucket,
         result.cache_len,
         result.max_new_tokens,

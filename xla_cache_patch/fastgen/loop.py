@@ -7,7 +7,8 @@ allocated once at their final length and written with ``index_copy`` at a device
 the slot, the finished rows and the logits processors' parameters are device tensors (the processors
 read the token history from the output buffer, with masks: ``fastgen.processors``). The host only reads the
 "anything left to do?" flag every ``xla_eos_check_every`` steps, and then the flag of the previous step
-(already computed), so it keeps queueing work while the device runs.
+(already computed), so it keeps queueing work while the device runs. Host-side stopping criteria and
+streamers read the tokens themselves at those check points instead (``fastgen.stopping``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from xla_cache_patch import compat
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
+from xla_cache_patch.fastgen.stopping import HostStops, initial_window, stop_string_hits
 from xla_cache_patch.fastgen.swaps import explicit_masks, xla_cpu_dots
 
 log = logging.getLogger("xla_cache_patch.fastgen")
@@ -42,11 +44,14 @@ class _State:
     position: torch.Tensor  # [B, 1] its position id
     slot: torch.Tensor  # [1] cache slot it will be written to
     mask: torch.Tensor  # [B, C] attention mask over cache slots
-    # [B, C + 1] token ids by slot: the user's prompt at [P - L, P), produced tokens from P. It is the
-    # history the logits processors read (masked to [P - L, slot)) and the result (read from P).
+    # [B, C + 1] token ids by slot: the user's whole input_ids at [F - L, F), produced tokens from F, the
+    # first new slot (plan.first_slot). It is the history the logits processors read (masked to
+    # [F - L, slot)) and the result (read from F).
     out: torch.Tensor
     unfinished: torch.Tensor | None  # [B] 1 while a row has not produced eos (None: no eos)
     produced: torch.Tensor | None  # [] steps transformers would have run (None: no eos)
+    window: torch.Tensor | None = None  # [B, W] the last W tokens, for stop strings (None: none)
+    stopped_at: torch.Tensor | None = None  # [B] slot of a row's last token, -1 while running (no eos: None)
 
     def tensors(self) -> list[torch.Tensor]:
         """The state in field order (what a replayed step reads and writes, with the cache buffers)."""
@@ -91,7 +96,7 @@ class _Constants:
     which changes the graph's parameter list (and so recompiles) when, say, temperature == top_p.
     """
 
-    ints: torch.Tensor  # [2] int64: pad id, slot of the prompt's first token (P - L)
+    ints: torch.Tensor  # [2] int64: pad id, slot of the history's first token (F - L)
     eos: torch.Tensor | None  # [E] eos ids (None: no eos)
     bank: DeviceBank  # the logits processors' parameters
 
@@ -160,6 +165,20 @@ def _finish(
     return tokens, state.unfinished.max()
 
 
+def _device_stops(
+    tokens: torch.Tensor, slot: torch.Tensor, state: _State, plan: Plan, alive: torch.Tensor | None
+) -> torch.Tensor | None:
+    """After eos: finish rows whose text now ends with a stop string, and note where rows finished."""
+    if plan.stop_strings is not None and state.window is not None and state.unfinished is not None:
+        state.window, hit = stop_string_hits(plan.stop_strings, state.window, tokens)
+        state.unfinished = state.unfinished * (~hit).long()
+        alive = state.unfinished.max()
+    if state.stopped_at is not None and state.unfinished is not None:
+        newly = (state.unfinished == 0) & (state.stopped_at < 0)
+        state.stopped_at = torch.where(newly, slot, state.stopped_at)
+    return alive
+
+
 @dataclass
 class _Collected:
     """Per-step outputs kept for the result: the stop flag and, if asked, scores and raw logits."""
@@ -180,29 +199,43 @@ class _Collected:
 def _prefill(
     model: Any, plan: Plan, cache: Any, device: torch.device, consts: _Constants
 ) -> tuple[_State, _StepOutputs]:
+    """Prefill ``input_ids[:, held:]`` left-padded to the bucket, at cache slots ``held..held + P - 1``.
+
+    ``held`` is 0 for a fresh cache, or the tokens a continued cache holds: their slots keep their mask
+    (the first ``held`` columns of the user's mask) and the new tokens' positions continue from there.
+    """
     batch, length = plan.input_ids.shape
-    bucket, width = plan.prompt_bucket, plan.cache_len
+    held, bucket, width = plan.cache_start, plan.prompt_bucket, plan.cache_len
+    chunk = length - held
+    first = plan.first_slot
     ids = torch.full((batch, bucket), plan.pad_token_id, dtype=torch.int64)
-    ids[:, bucket - length :] = plan.input_ids
+    ids[:, bucket - chunk :] = plan.input_ids[:, held:]
     out = torch.zeros((batch, width + 1), dtype=torch.int64)
-    out[:, bucket - length : bucket] = plan.input_ids  # the history as transformers sees it
+    out[:, first - length : first] = plan.input_ids  # the history as transformers sees it
     mask = torch.zeros((batch, width), dtype=torch.int64)
-    mask[:, bucket - length : bucket] = plan.attention_mask
-    prompt_mask = mask[:, :bucket]
-    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    mask[:, :held] = plan.attention_mask[:, :held]
+    mask[:, first - chunk : first] = plan.attention_mask[:, held:]
+    user_positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill(plan.attention_mask == 0, 1)
+    positions = torch.ones((batch, bucket), dtype=torch.int64)
+    positions[:, bucket - chunk :] = user_positions[:, held:]
+    tracks = bool(plan.eos_token_ids)  # rows can finish
+    window = None if plan.stop_strings is None else initial_window(plan.stop_strings, plan.input_ids)
     state = _State(
         token=torch.zeros((batch, 1), dtype=torch.int64, device=device),
-        position=prompt_mask.sum(-1, keepdim=True).to(device),
-        slot=torch.tensor([bucket], dtype=torch.int64, device=device),
+        position=plan.attention_mask.sum(-1, keepdim=True).to(device),
+        slot=torch.tensor([first], dtype=torch.int64).to(device),
         mask=mask.to(device),
         out=out.to(device),
-        unfinished=torch.ones(batch, dtype=torch.int64, device=device) if plan.eos_token_ids else None,
-        produced=torch.zeros((), dtype=torch.int64, device=device) if plan.eos_token_ids else None,
+        unfinished=torch.ones(batch, dtype=torch.int64, device=device) if tracks else None,
+        produced=torch.zeros((), dtype=torch.int64, device=device) if tracks else None,
+        window=None if window is None else window.to(device),
+        stopped_at=torch.full((batch,), -1, dtype=torch.int64).to(device) if tracks else None,
     )
-    slots = torch.arange(bucket, dtype=torch.int64, device=device)
+    slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
     logits = _forward(model, plan, cache, ids.to(device), state.mask, positions.to(device), slots)
     scores, tokens = _choose(logits, state.out, state.slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
+    alive = _device_stops(tokens, state.slot, state, plan, alive)
     state.out = state.out.index_copy(1, state.slot, tokens[:, None])
     state.token = tokens[:, None]
     return state, _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)
@@ -216,6 +249,7 @@ def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constant
     produced_slot = state.slot + 1
     scores, tokens = _choose(logits, state.out, produced_slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
+    alive = _device_stops(tokens, produced_slot, state, plan, alive)
     state.out = state.out.index_copy(1, produced_slot, tokens[:, None])
     state.token = tokens[:, None]
     state.position = state.position + 1
@@ -225,7 +259,7 @@ def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constant
 
 def _constants(plan: Plan, device: torch.device) -> _Constants:
     eos = torch.tensor(plan.eos_token_ids, dtype=torch.int64).to(device) if plan.eos_token_ids else None
-    first = plan.prompt_bucket - plan.input_ids.shape[1]
+    first = plan.first_slot - plan.input_ids.shape[1]
     ints = torch.tensor([plan.pad_token_id, first], dtype=torch.int64)
     return _Constants(ints=ints.to(device), eos=eos, bank=plan.logits.bank.upload(device))
 
@@ -251,6 +285,11 @@ def run(model: Any, plan: Plan) -> Any:
     collected = _Collected()
     if plan.do_sample:
         _seed_xla_rng(device)
+    host = HostStops(plan) if plan.host_stops else None  # puts the prompt into the streamer
+    if plan.stop_strings is not None:  # its vocabulary table and target lengths become device data
+        plan.stop_strings.embedding_vec = plan.stop_strings.embedding_vec.to(device)
+        plan.stop_strings.target_lens = plan.stop_strings.target_lens.to(device)
+    scores = collected.scores if plan.return_dict and plan.output_scores else None
     with torch.no_grad(), explicit_masks(), xla_cpu_dots(device):
         state, first_outputs = _prefill(model, plan, cache, device, consts)
         torch_xla.sync()
@@ -261,19 +300,31 @@ def run(model: Any, plan: Plan) -> Any:
             device,
             enabled=plan.replay,
         )
-        steps, lagged = 1, None
+        steps = 1
         every = plan.eos_check_every
         last = plan.max_new_tokens if plan.stop_after is None else min(plan.max_new_tokens, plan.stop_after)
+        # The device-only check reads the flag of the step before the last one queued (already computed,
+        # so the host keeps the device fed); extra steps it costs are trimmed from the result. Host stops
+        # need the tokens themselves, so they read up to the last step.
+        alive_before_last_step = None
         while steps < last:
-            # `lagged` is the flag of the step before the last one queued: reading it waits for a step that is
-            # (nearly) done, so the host keeps the device fed. The extra step it may cost is trimmed below.
-            if lagged is not None and every and steps % every == 0 and not bool(lagged.item()):
-                break
-            lagged = collected.alive
+            if every and steps % every == 0:
+                if host is not None:
+                    if host.advance(state.out, state.stopped_at, steps, scores):
+                        break
+                elif alive_before_last_step is not None and not bool(alive_before_last_step.item()):
+                    break
+            alive_before_last_step = collected.alive
             flat = replay.step(lambda: _decode(model, plan, cache, state, consts).tensors())
             collected.take(_StepOutputs.from_tensors(plan, flat))
             steps += 1
-    produced = steps if state.produced is None else int(state.produced.item())
+    new_tokens = None
+    if host is not None:
+        host.advance(state.out, state.stopped_at, steps, scores)
+        new_tokens = host.finish()
+        produced = new_tokens.shape[1]
+    else:
+        produced = steps if state.produced is None else int(state.produced.item())
     log.debug(
         "fast path done: %d steps run, %d replayed without tracing, %d tokens kept",
         steps,
@@ -282,37 +333,65 @@ def run(model: Any, plan: Plan) -> Any:
     )
     if plan.cache is not None or plan.return_dict:  # the cache reaches the user: make it continuable
         _settle(adapter, cache, plan, produced, device)
-    return _outputs(plan, state, cache, produced, collected)
+    return _outputs(plan, state, cache, produced, collected, new_tokens)
 
 
 def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, device: torch.device) -> None:
     """Give the cache the content and length transformers' loop would have left in it.
 
-    Ours holds the prompt left-padded to the bucket (slots shifted by ``P - L``) and maybe a few steps past
-    the last kept token (the lagged stop check). Shift every full-attention buffer back, zero the rest and
-    set the era's length counter: one small graph, compiled once per cache shape, and only for a cache the
+    Ours holds the held tokens (a continuation), then the new chunk left-padded to the bucket (slots
+    shifted by ``P - chunk``), then the generated tokens, maybe a few steps past the last kept one (the
+    stop check reads a flag one step late). Shift every full-attention buffer back, zero the rest and set
+    the era's length counter: one small graph, compiled once per cache shape, and only for a cache the
     user keeps. A rolling sliding window cannot be rebuilt that way: such a cache is marked, and continuing
     it raises StaleCacheError (after ``cache.reset()`` it is usable again).
     """
-    if adapter.has_rolling_window(cache):
-        setattr(cache, STALE_ATTR, "its sliding-window layers hold the bucket-padded prompt")
+    held, length = plan.cache_start, plan.input_ids.shape[1]
+    shift = plan.prompt_bucket - (length - held)
+    windows = adapter.cache_windows(cache)
+    if windows:
+        setattr(cache, STALE_ATTR, _sliding_reason(min(windows), plan, produced))
         return
-    length = plan.input_ids.shape[1] + produced - 1  # the last token is never fed back
+    total = length + produced - 1  # the last token is never fed back
     width = plan.cache_len
-    source = (torch.arange(width) + (plan.prompt_bucket - plan.input_ids.shape[1])).clamp_(max=width - 1)
-    keep = (torch.arange(width) < length).reshape(1, 1, width, 1)
+    slots = torch.arange(width)
+    source = (slots + torch.where(slots >= held, shift, 0)).clamp_(max=width - 1)
+    keep = (slots < total).reshape(1, 1, width, 1)
     source, keep = source.to(device), keep.to(device)
     for buf in adapter.cache_buffers(cache):
         buf.copy_(
             torch.where(keep, buf.index_select(2, source), torch.zeros((), dtype=buf.dtype, device=device))
         )
-    adapter.set_length(cache, length)
+    adapter.set_length(cache, total)
     torch_xla.sync()
 
 
-def _outputs(plan: Plan, state: _State, cache: Any, produced: int, collected: _Collected) -> Any:
-    start = plan.prompt_bucket
-    new_tokens = state.out.cpu()[:, start : start + produced]
+def _sliding_reason(window: int, plan: Plan, produced: int) -> str:
+    """Why a sliding-window cache the fast path filled cannot be continued, with its numbers."""
+    length = plan.input_ids.shape[1]
+    pad = plan.prompt_bucket - (length - plan.cache_start)
+    written = plan.first_slot + produced - 1
+    return (
+        f"its sliding-window layers (a rolling window of {window} slots) hold the last "
+        f"{min(written, window)} of {written} slots written ({length + produced - 1} tokens after {pad} "
+        "bucket-padding slots); the fast path does not rebuild a rolling window, and a bucket-padded new "
+        "chunk would put padding slots inside the window, between the held tokens and the new ones, where "
+        "transformers has none"
+    )
+
+
+def _outputs(
+    plan: Plan,
+    state: _State,
+    cache: Any,
+    produced: int,
+    collected: _Collected,
+    new_tokens: torch.Tensor | None = None,
+) -> Any:
+    """What generate returns; ``new_tokens`` are the host's (host stops), else read from the device."""
+    if new_tokens is None:
+        start = plan.first_slot
+        new_tokens = state.out.cpu()[:, start : start + produced]
     sequences = torch.cat([plan.input_ids, new_tokens], dim=1).to(plan.out_device)
     if not plan.return_dict:
         return sequences

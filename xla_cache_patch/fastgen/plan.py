@@ -3,16 +3,19 @@
 The fast path must give the tokens transformers gives, so the generation config is built by the model's
 own ``_prepare_generation_config`` / ``_prepare_generated_length`` (their defaults moved between 4.41 and
 5.x), and the logits processors are the ones its ``_get_logits_processor`` builds, each mapped to its
-static-shape counterpart in ``fastgen.processors``. Every option that would make transformers add a
-processor we have no counterpart for, a stopping criterion or another decoding mode we do not implement
-is refused here with a reason, and the call goes to the original ``generate``. Refusing is always safe;
-guessing is not.
+static-shape counterpart in ``fastgen.processors``. Stopping criteria, stop strings and streamers are run
+by the loop (``fastgen.stopping``). Every option that would make transformers add a processor we have no
+counterpart for, or another decoding mode we do not implement, is refused here with a reason, and the call
+goes to the original ``generate``. Refusing is always safe; guessing is not.
+
+Planning reads nothing from the device except, for a user's cache, how many tokens it holds
+(``read_cache_length``, once per call): a filled cache is continued after them.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -51,6 +54,9 @@ _HANDLED = frozenset(
         "disable_compile",
         "transformers_version",
         "generation_kwargs",
+        # stopping: max_time and stop strings are run by the loop (fastgen.stopping)
+        "max_time",
+        "stop_strings",
         # beam-search-only, contrastive-only, assistant-only and paged-only knobs: inert here
         "length_penalty",
         "early_stopping",
@@ -76,18 +82,30 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "penalty_alpha": (0.0,),
 }
 # Arguments of generate() itself that select another decoding mode or hook; they must be None / empty.
+# (stopping_criteria and streamer are taken by the loop: see _hooks.)
 _MODE_ARGS = (
     "logits_processor",
-    "stopping_criteria",
     "prefix_allowed_tokens_fn",
     "synced_gpus",
     "assistant_model",
-    "streamer",
     "negative_prompt_ids",
     "negative_prompt_attention_mask",
     "custom_generate",
     "assistant_tokenizer",
 )
+_PER_STEP_PYTHON_FIX = (
+    "runs arbitrary Python on every step, which cannot be compiled into the step graph. Express it with "
+    "generation options the fast path runs on the device (do_sample, temperature, top_k, top_p, "
+    "eos_token_id, min_new_tokens, stop_strings with tokenizer=) or as a stopping_criteria (run on the host "
+    "every xla_eos_check_every steps), or keep it and accept a compiled graph per step. "
+)
+_MODE_FIX = {
+    "logits_processor": "A logits_processor " + _PER_STEP_PYTHON_FIX,
+    "prefix_allowed_tokens_fn": "prefix_allowed_tokens_fn (constrained decoding) " + _PER_STEP_PYTHON_FIX,
+}
+# Criteria transformers builds itself from the generation config: a user's one of these types replaces
+# transformers' own (a merge the fast path does not reproduce), so such a list falls back.
+_BUILT_IN_CRITERIA = ("MaxLengthCriteria", "MaxTimeCriteria", "StopStringCriteria", "EosTokenCriteria")
 CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
 # Set on a cache the fast path filled in a layout transformers cannot continue from (sliding layers).
 STALE_ATTR = "_xla_cache_patch_stale"
@@ -146,8 +164,25 @@ class Plan:
     stop_after: int | None  # warmup: stop after this many steps (the graphs are compiled by then)
     prompt_bucket: int  # P: the prompt is left-padded to this length
     cache_len: int  # C: cache slots and attention-mask length
-    cache: Any | None  # an empty user StaticCache, else None (the loop builds one)
+    cache: (
+        Any | None
+    )  # the user's StaticCache (maybe holding a conversation), else None (the loop builds one)
     spec: ForwardSpec
+    cache_start: int = 0  # tokens the cache already holds: input_ids[:, cache_start:] is prefilled after them
+    host_criteria: list[Any] = field(default_factory=list)  # user's stopping criteria, run on the host
+    max_time: float | None = None  # seconds: transformers' MaxTimeCriteria, run on the host
+    stop_strings: Any | None = None  # a transformers StopStringCriteria, run on the device in the step
+    streamer: Any | None = None  # batch 1: put() the prompt, then the new tokens at each check point
+
+    @property
+    def first_slot(self) -> int:
+        """The cache slot the first new token is written to (after the held tokens and the padded chunk)."""
+        return self.cache_start + self.prompt_bucket
+
+    @property
+    def host_stops(self) -> bool:
+        """Does the loop need the tokens on the host at its check points?"""
+        return bool(self.host_criteria) or self.max_time is not None or self.streamer is not None
 
 
 @dataclass(frozen=True)
@@ -233,19 +268,36 @@ def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any
     return (inputs if inputs is not None else input_ids), gen_config
 
 
-def _check_mode_args(kwargs: dict[str, Any]) -> None:
+@dataclass
+class _Hooks:
+    """The generate() arguments the loop runs itself (popped from the kwargs by _check_mode_args)."""
+
+    criteria: list[Any]
+    streamer: Any | None
+    tokenizer: Any | None
+
+
+def _check_mode_args(kwargs: dict[str, Any]) -> _Hooks:
     for name in _MODE_ARGS:
         value = kwargs.pop(name, None)
-        if name in ("logits_processor", "stopping_criteria") and value is not None and len(value) == 0:
+        if name == "logits_processor" and value is not None and len(value) == 0:
             continue
         _require(
             value is None or value is False,
             f"{name} is not supported",
             name,
-            f"Leave {name} out to take the fast path. {_DOCS_FIX}",
+            f"{_MODE_FIX.get(name, '')}Leave {name} out to take the fast path. {_DOCS_FIX}",
         )
     kwargs.pop("trust_remote_code", None)
-    kwargs.pop("tokenizer", None)  # only used by stop_strings / token_healing, both refused below
+    criteria = list(kwargs.pop("stopping_criteria", None) or ())
+    built_in = sorted({type(c).__name__ for c in criteria} & set(_BUILT_IN_CRITERIA))
+    _require(
+        not built_in,
+        f"stopping_criteria holds {built_in}, which transformers merges with its own",
+        "stopping_criteria-built-in",
+        "Use the generation options instead (max_new_tokens, max_time, stop_strings, eos_token_id).",
+    )
+    return _Hooks(criteria, kwargs.pop("streamer", None), kwargs.pop("tokenizer", None))
 
 
 def _prepare_config(
@@ -438,26 +490,50 @@ def _check_user_cache(cache: Any, batch: int) -> None:
     _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
     size = adapter.cache_batch_size(cache)
     _require(size is None or size == batch, f"cache batch size {size} != {batch}")
-    initialized = getattr(cache, "is_initialized", True)
-    if initialized is True or (not isinstance(initialized, bool) and initialized):
-        seen = int(cache.get_seq_length())  # one small device read; a filled cache is a continuation
-        _require(
-            seen == 0,
-            f"the cache already holds {seen} tokens (a continuation)",
-            "continuation",
-            "Continuing a conversation from a filled cache runs transformers' loop; to start fresh, call "
-            "cache.reset() and pass the whole conversation.",
-        )
 
 
-def _layout(length: int, max_new: int, cache: Any | None) -> tuple[int, int]:
-    """(P, C): prompt bucket and cache/mask length. A user cache fixes C; P shrinks to fit if needed."""
+def read_cache_length(cache: Any) -> int:
+    """How many tokens the user's cache already holds: the one device read of planning.
+
+    The count lives on the device (a counter tensor on 5.x, non-zero slots on 4.x), so this waits for
+    pending work on the cache. It is read once per call, here; a cache not yet allocated holds nothing.
+    """
+    return compat.current().cache_length(cache)
+
+
+def _check_continuation(cache: Any, held: int, length: int) -> None:
+    """A cache holding ``held`` tokens is continued by prefilling ``input_ids[:, held:]`` after them."""
+    _require(
+        length > held,
+        f"the cache already holds {held} tokens and input_ids has {length}: a continuation passes the "
+        "whole conversation, longer than what the cache holds",
+        "continuation-short-input",
+        "Pass the conversation so far plus the new tokens (as transformers expects), or cache.reset().",
+    )
+    windows = compat.current().cache_windows(cache)
+    _require(
+        not windows,
+        f"the cache holds {held} tokens and has sliding-window layers (a rolling window of "
+        f"{min(windows or [0])} slots), which the fast path does not continue",
+        "continuation-sliding",
+        "Nothing to do: transformers' loop continues it (one graph per step).",
+    )
+
+
+def _layout(length: int, max_new: int, cache: Any | None, held: int = 0) -> tuple[int, int]:
+    """(P, C): prompt (or new chunk) bucket and cache/mask length. A user cache fixes C; P shrinks to fit.
+
+    ``held`` tokens already in the cache come first: the chunk is written after them.
+    """
     capacity = None if cache is None else compat.current().cache_capacity(cache)
     if capacity is None:
         return buckets(length, max_new)
-    # The last token is never fed back, so P + max_new - 1 slots are written.
-    bucket = min(prompt_bucket(length), capacity - max_new + 1)
-    _require(bucket >= length, f"the cache ({capacity} slots) is too short for {length} + {max_new} tokens")
+    # The last token is never fed back, so held + P + max_new - 1 slots are written.
+    bucket = min(prompt_bucket(length), capacity - held - max_new + 1)
+    _require(
+        bucket >= length,
+        f"the cache ({capacity} slots, {held} held) is too short for {length} + {max_new} tokens",
+    )
     return bucket, capacity
 
 
@@ -467,6 +543,35 @@ def _expand(config: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     if count == 1:
         return ids, mask
     return ids.repeat_interleave(count, dim=0), mask.repeat_interleave(count, dim=0)
+
+
+def _stop_strings(config: Any, tokenizer: Any, eos: tuple[int, ...]) -> Any | None:
+    """transformers' own StopStringCriteria for ``stop_strings``: the loop calls it inside the step graph."""
+    if getattr(config, "stop_strings", None) is None:
+        return None
+    _require(tokenizer is not None, "stop_strings without tokenizer= (transformers raises its own error)")
+    _require(
+        bool(eos),
+        "stop_strings without an eos_token_id: transformers then keeps generating real tokens in a row its "
+        "stop string finished, where the fast path pads",
+        "stop_strings-no-eos",
+        "Pass eos_token_id (the model's generation config usually has one).",
+    )
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from xla_cache_patch.fastgen.stopping import window_filler
+
+    try:
+        criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings)
+    except Exception as exc:  # transformers will raise it again, with its own message
+        raise Fallback(f"transformers rejected stop_strings: {exc!r}") from exc
+    _require(
+        window_filler(criteria) is not None,
+        "every token of this vocabulary can end or continue one of the stop strings (no token fills the "
+        "start of the stop-string window)",
+        "stop_strings-no-filler",
+    )
+    return criteria
 
 
 def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch.Tensor) -> tuple[int, Any]:
@@ -493,9 +598,15 @@ def plan_request(
     spec = _check_model(model)
     kwargs = dict(kwargs)
     inputs, gen_config = _split_args(args, kwargs)
-    _check_mode_args(kwargs)
+    hooks = _check_mode_args(kwargs)
     _require(kwargs.get("inputs_embeds") is None, "inputs_embeds")
     ids = _input_ids(inputs)
+    _require(
+        hooks.streamer is None or ids.shape[0] == 1,
+        f"a streamer with a batch of {ids.shape[0]} (transformers' streamers take batch 1)",
+        "streamer-batch",
+        "Stream one prompt per call, or pass no streamer.",
+    )
     try:
         config, model_kwargs, *has_default = _prepare_config(model, gen_config, kwargs)
     except Fallback:
@@ -515,9 +626,14 @@ def plan_request(
     _require(not leftover, f"model kwargs not supported: {leftover}")
     max_new, config = _lengths(model, config, tuple(has_default), cpu_ids)
     logits = _pipeline(model, config, cpu_ids, mask)
+    stop_strings = _stop_strings(config, hooks.tokenizer, eos)
+    held = 0
     if cache is not None:
         _check_user_cache(cache, cpu_ids.shape[0])
-    bucket, cache_len = _layout(ids.shape[1], max_new, cache)
+        held = read_cache_length(cache)
+        if held:
+            _check_continuation(cache, held, cpu_ids.shape[1])
+    bucket, cache_len = _layout(cpu_ids.shape[1] - held, max_new, cache, held)
     return Plan(
         input_ids=cpu_ids,
         attention_mask=mask,
@@ -537,4 +653,9 @@ def plan_request(
         cache_len=cache_len,
         cache=cache,
         spec=spec,
+        cache_start=held,
+        host_criteria=hooks.criteria,
+        max_time=None if getattr(config, "max_time", None) is None else float(config.max_time),
+        stop_strings=stop_strings,
+        streamer=hooks.streamer,
     )
