@@ -297,7 +297,7 @@ def case_streamers(args: argparse.Namespace) -> dict[str, Any]:
         "printed": got_print,
         "ref_printed": ref_print,
         "compiles": counts,
-        "batch_2": batch_reason if isinstance(batch_reason, str) else "fast",
+        "batch_2": "fast" if batch_reason.fast else batch_reason.message,
     }
 
 
