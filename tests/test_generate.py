@@ -55,6 +55,19 @@ def test_small_row_dots_on_xla_cpu_match_and_are_restored() -> None:
 
 @pytest.mark.xla
 @pytest.mark.slow
+def test_small_row_dots_on_xla_cpu_are_not_seen_by_other_threads() -> None:
+    """A server thread runs F.linear on CPU during three fast-path calls of a batch of 2 (the dots swap
+    on): it looks up the original ``torch.nn.functional.linear`` and gets stock's products; only the
+    fast path's own thread reaches the swap."""
+    result = run_case("dots-thread", "--new-tokens", "12")
+    assert result["took"] == ["fast"] * 3 and result["match"] == [True] * 3
+    assert result["swap_calls"] > 0 and result["swap_callers_other_threads"] == 0
+    assert result["looks_during"] > 0 and result["saw_swapped"] == 0
+    assert result["wrong_results"] == 0
+
+
+@pytest.mark.xla
+@pytest.mark.slow
 def test_min_new_tokens_holds_eos_back() -> None:
     plain = run_case("greedy", "--batch", "3", "--eos", "--new-tokens", "12")
     held = run_case("greedy", "--batch", "3", "--eos", "--new-tokens", "12", "--min-new-tokens", "10")

@@ -125,8 +125,26 @@ def test_import_orders_in_fresh_process(order):
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-2000:]
 
 
+def _era_attrs() -> dict[str, object]:
+    """What ``transformers.cache_utils`` holds now at each target of the installed era (patched or not)."""
+    import transformers.cache_utils as cu
+
+    from xla_cache_patch import compat
+
+    out = {}
+    for target in compat.current().targets_for("inplace"):
+        *owners, attr = target.path.split(".")
+        owner = cu
+        for part in owners:
+            owner = getattr(owner, part, None)
+        if owner is not None and attr in vars(owner):
+            out[target.name] = vars(owner)[attr]
+    return out
+
+
 def test_unsupported_version_refused_nothing_touched(monkeypatch):
-    before = _attrs() or {}
+    before = _era_attrs()
+    assert before and not any(registry.is_ours(v) for v in before.values())
     monkeypatch.setattr(registry, "transformers_version", lambda: "4.40.2")
     with pytest.warns(XlaCachePatchWarning, match="outside the supported range"):
         assert xla_cache_patch.apply() is False
@@ -136,7 +154,8 @@ def test_unsupported_version_refused_nothing_touched(monkeypatch):
     st = xla_cache_patch.status()
     assert st.reason and not st.applied and st.targets == ()
     monkeypatch.undo()
-    assert all(_attrs().get(k) is v for k, v in before.items())
+    after = _era_attrs()
+    assert after.keys() == before.keys() and all(after[k] is v for k, v in before.items())
 
 
 def test_future_shape_refused():

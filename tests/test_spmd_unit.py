@@ -47,9 +47,52 @@ def test_bad_partition_is_refused():
         spmd.configure(fake_mesh((4,), ("model",)), ("model",))
 
 
-def test_cpu_buffers_are_left_alone():
+def test_cpu_buffers_are_left_alone(monkeypatch: pytest.MonkeyPatch):
+    import torch_xla.core.xla_model as xm
+    import torch_xla.distributed.spmd as xs
+
+    calls: list[str] = []
+    for module, name in ((xs, "mark_sharding"), (xs, "clear_sharding"), (xm, "wait_device_ops")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: calls.append(_name))
     spmd.configure(fake_mesh((4,), ("model",)))
-    spmd.annotate(torch.zeros(1, 4, 8, 2))  # no XLA tensor: nothing to shard, no error
+    spmd.annotate(torch.zeros(1, 4, 8, 2))  # no XLA tensor: nothing to shard, no wait
+    assert calls == []
+
+
+def test_the_hook_runs_in_before_write_only():
+    """``checked_states`` only reads; ``before_write`` runs the hook on both buffers."""
+    seen: list[torch.Tensor] = []
+    kernels.set_buffer_hook(seen.append)
+    try:
+        k, v = torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4)
+        kernels.checked_states(k, v, torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 1)
+        assert seen == []
+        kernels.before_write(k, v)
+        assert len(seen) == 2 and seen[0] is k and seen[1] is v
+    finally:
+        kernels.set_buffer_hook(None)
+
+
+def test_a_patched_write_runs_the_hook_after_its_checks():
+    """Each patched write hands its layer's two buffers to the hook; a rejected write hands none."""
+    import xla_cache_patch
+    from xla_cache_patch import compat
+    from xla_cache_patch.tools.tiny import tiny_config
+
+    seen: list[torch.Tensor] = []
+    kernels.set_buffer_hook(seen.append)
+    try:
+        with xla_cache_patch.patched(generate=False):
+            cache = compat.current().make_static_cache(tiny_config(), 8)
+            states = torch.ones(1, 2, 1, 16)
+            with pytest.raises(ValueError, match="shape"):
+                cache.update(states, states[:, :1], 0, {"cache_position": torch.tensor([0])})
+            assert seen == []
+            cache.update(states, states, 0, {"cache_position": torch.tensor([0])})
+            buffers = compat.current().cache_buffers(cache)
+    finally:
+        kernels.set_buffer_hook(None)
+    assert len(seen) == 2 and any(b is seen[0] for b in buffers) and any(b is seen[1] for b in buffers)
 
 
 def test_shard_cache_needs_a_layout():

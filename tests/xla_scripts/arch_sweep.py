@@ -19,31 +19,34 @@ import argparse
 import copy
 import json
 import logging
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-
-VOCAB = 256
-PAD = VOCAB - 1
-LENGTHS = (9, 5)
-FALLBACK_PREFIX = "generate falls back"
-
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=PAD,
-    bos_token_id=1,
-    eos_token_id=2,
+from common import (
+    LLAMA_FIELDS,
+    PAD,
+    VOCAB,
+    DeclinedFastPath,
+    attempt,
+    drop_model_cache,
+    listen,
+    prompts,
+    timed_call,
 )
+
+LENGTHS = (9, 5)
+
+TOKENS = dict(pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+COMMON = dict(**LLAMA_FIELDS, max_position_embeddings=256, **TOKENS)
+GPT2_SHAPE = dict(n_embd=64, n_layer=2, n_head=4)  # GPT-2's field names, shared by GPT-J and BigCode
+
+
+def _own(**fields: Any) -> Callable[[], dict[str, Any]]:
+    """Config kwargs in the architecture's own field names, with the sweep's vocabulary and special tokens."""
+    return lambda: {"vocab_size": VOCAB, **fields, **TOKENS}
 
 
 def _llama_like(extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -92,70 +95,44 @@ ARCHS: dict[str, tuple[str, str, Callable[[], dict[str, Any]]]] = {
     "gpt-neo-local16": (
         "GPTNeoConfig",
         "GPTNeoForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
+        _own(
             hidden_size=64,
             num_layers=2,
             num_heads=4,
             attention_types=[[["global", "local"], 1]],
             max_position_embeddings=256,
             window_size=16,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
         ),
     ),
-    "gpt2": (
-        "GPT2Config",
-        "GPT2LMHeadModel",
-        lambda: dict(
-            vocab_size=VOCAB,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=256,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-    ),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", _own(**GPT2_SHAPE, n_positions=256)),
     "opt": (
         "OPTConfig",
         "OPTForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
+        _own(
             hidden_size=64,
             ffn_dim=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=256,
             word_embed_proj_dim=64,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
         ),
     ),
     "falcon": (
         "FalconConfig",
         "FalconForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
+        _own(
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             new_decoder_architecture=True,
             num_kv_heads=2,
             max_position_embeddings=256,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
         ),
     ),
     "falcon-alibi": (
         "FalconConfig",
         "FalconForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
+        _own(
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
@@ -163,9 +140,6 @@ ARCHS: dict[str, tuple[str, str, Callable[[], dict[str, Any]]]] = {
             multi_query=True,
             parallel_attn=True,
             max_position_embeddings=256,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
         ),
     ),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", _llama_like),
@@ -187,104 +161,18 @@ ARCHS: dict[str, tuple[str, str, Callable[[], dict[str, Any]]]] = {
     "gpt-neox": (
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
+        _own(
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=256,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
         ),
     ),
-    "gptj": (
-        "GPTJConfig",
-        "GPTJForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            rotary_dim=8,
-            n_positions=256,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-    ),
-    "bloom": (
-        "BloomConfig",
-        "BloomForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            n_layer=2,
-            n_head=4,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-    ),
-    "gpt-bigcode": (
-        "GPTBigCodeConfig",
-        "GPTBigCodeForCausalLM",
-        lambda: dict(
-            vocab_size=VOCAB,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=256,
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-    ),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", _own(**GPT2_SHAPE, rotary_dim=8, n_positions=256)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", _own(hidden_size=64, n_layer=2, n_head=4)),
+    "gpt-bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", _own(**GPT2_SHAPE, n_positions=256)),
 }
-
-
-class DeclinedFastPath(Exception):
-    pass
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.abort_on_fallback = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        if self.abort_on_fallback and record.getMessage().startswith(FALLBACK_PREFIX):
-            raise DeclinedFastPath(record.getMessage())
-
-    def took(self) -> list[str]:
-        lines = [r.getMessage() for r in self.records if r.name == "xla_cache_patch.fastgen"]
-        return [
-            "fast" if line.startswith("fast path:") else "fallback"
-            for line in lines
-            if line.startswith(("fast path:", FALLBACK_PREFIX))
-        ]
-
-    def lines(self, level: int) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno >= level and r.name.startswith("xla_cache")]
-
-
-RECORDS = Records()
-
-
-def error(exc: BaseException) -> dict[str, str]:
-    frames = traceback.extract_tb(exc.__traceback__)[-4:]
-    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-    return {"type": type(exc).__name__, "message": str(exc)[:600], "where": where}
-
-
-def attempt(fn: Callable[[], Any]) -> tuple[Any, dict[str, str] | None]:
-    try:
-        return fn(), None
-    except Exception as exc:
-        return None, error(exc)
 
 
 def build(arch: str, attn: str | None, experts: str | None = None) -> torch.nn.Module:
@@ -304,16 +192,6 @@ def build(arch: str, attn: str | None, experts: str | None = None) -> torch.nn.M
             if p.ndim >= 2:
                 p.mul_(4.0)
     return model
-
-
-def prompts(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(LENGTHS), max(LENGTHS)), PAD, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(LENGTHS):
-        ids[row, -length:] = torch.randint(3, PAD, (length,), generator=gen)
-        mask[row, -length:] = 1
-    return ids, mask
 
 
 def gen_kwargs(mode: str, new_tokens: int) -> dict[str, Any]:
@@ -376,7 +254,7 @@ def main() -> None:
     result["model_class"] = type(model).__name__
     result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     result["supports_static_cache"] = getattr(model, "_supports_static_cache", None)
-    ids, mask = prompts()
+    ids, mask = prompts(len(LENGTHS), lengths=LENGTHS)
     modes = args.modes.split(",")
     refs: dict[str, tuple[Any, Any]] = {}
     for mode in dict.fromkeys(["default", *modes]):  # the dynamic-cache tokens are the truth for every mode
@@ -385,45 +263,33 @@ def main() -> None:
         )
         if isinstance(refs[mode][0], torch.Tensor):
             refs[mode] = (refs[mode][0].clone(), None)
-    cpu_model = copy.deepcopy(model)
-    cpu_model.__dict__.pop("_cache", None)
-    cpu_model._modules.pop("_cache", None)
+    cpu_model = drop_model_cache(copy.deepcopy(model))
 
     import torch_xla
-    import torch_xla.debug.metrics as met
 
     import xla_cache_patch
 
-    logger = logging.getLogger("xla_cache_patch")
-    logger.addHandler(RECORDS)
-    logger.setLevel(logging.DEBUG)
-
-    def compiles() -> int:
-        data = met.metric_data("CompileTime")
-        return int(data[0]) if data else 0
-
+    records = listen()
     xla_cache_patch.apply()
-    model.__dict__.pop("_cache", None)
-    model._modules.pop("_cache", None)
     device = torch_xla.device()
-    model = model.to(device)
+    model = drop_model_cache(model).to(device)
     for mode in modes:
         ref, ref_err = refs[mode]
-        RECORDS.records.clear()
-        RECORDS.abort_on_fallback = True
-        before = compiles()
-        out, err = attempt(
-            lambda mode=mode: model.generate(
-                ids.to(device), attention_mask=mask.to(device), **gen_kwargs(mode, args.new_tokens)
+        records.clear()
+        records.abort_on_fallback = True
+        (out, err), graphs = timed_call(
+            lambda mode=mode: attempt(
+                lambda: model.generate(
+                    ids.to(device), attention_mask=mask.to(device), **gen_kwargs(mode, args.new_tokens)
+                )
             )
         )
-        torch_xla.sync()
-        RECORDS.abort_on_fallback = False
+        records.abort_on_fallback = False
         declined = err is not None and err["type"] == DeclinedFastPath.__name__
         row: dict[str, Any] = {
-            "took": RECORDS.took(),
-            "compiles": compiles() - before,
-            "fallback_warning": next(iter(RECORDS.lines(logging.WARNING)), None),
+            "took": records.took(),
+            "compiles": graphs,
+            "fallback_warning": next(iter(records.lines(logging.WARNING)), None),
             "declined": err["message"] if declined else None,
             "error": None if declined else err,
             "cpu_error": ref_err,

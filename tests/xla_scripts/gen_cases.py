@@ -15,93 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-from collections.abc import Callable
+import threading
+import time
 from typing import Any
 
 import torch
 import torch_xla
-import torch_xla.debug.metrics as met
 import transformers
+from common import PAD, VOCAB, listen, on_xla, pick_eos, prompts, sequences, timed_call
 
 import xla_cache_patch
 import xla_cache_patch.fastgen
 from xla_cache_patch.tools import tiny
 
-VOCAB = 256
-PAD = VOCAB - 1
-
-
-class Records(logging.Handler):
-    """Collects the fast path's debug lines: whether a call took the fast path, and why not."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def took(self) -> list[str]:
-        return [
-            "fast" if line.startswith("fast path:") else "fallback"
-            for line in self.lines
-            if line.startswith(("fast path:", "generate falls back"))
-        ]
-
-
-RECORDS = Records()
-_logger = logging.getLogger("xla_cache_patch.fastgen")
-_logger.addHandler(RECORDS)
-_logger.setLevel(logging.DEBUG)
+RECORDS = listen()
 
 
 def build(kind: str, seed: int = 0) -> torch.nn.Module:
     return tiny.tiny_model(seed=seed, sliding_window=16 if kind == "mistral" else None)
-
-
-def prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts of lengths 8, 5, 3, ... (batch 1: 8 tokens, no padding)."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [8, 5, 3, 6][:batch]
-    ids = torch.full((batch, max(lengths)), PAD, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, -length:] = torch.randint(3, PAD, (length,), generator=gen)
-        mask[row, -length:] = 1
-    return ids, mask
-
-
-def compiles() -> int:
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
-
-
-def on_xla(model: torch.nn.Module) -> torch.nn.Module:
-    model.__dict__.pop("_cache", None)  # transformers < 5.15 keeps the CPU static cache on the model
-    model._modules.pop("_cache", None)
-    return model.to(torch_xla.device())
-
-
-def sequences(out: Any) -> torch.Tensor:
-    return (out if isinstance(out, torch.Tensor) else out.sequences).cpu()
-
-
-def pick_eos(ref: torch.Tensor, prompt_len: int) -> int:
-    """A token row 0 produces early that no other row produces and row 0 has not produced before."""
-    new = ref[:, prompt_len:]
-    for step in range(1, new.shape[1] - 2):
-        token = int(new[0, step])
-        if token not in new[1:].flatten().tolist() and token not in new[0, :step].tolist():
-            return token
-    raise SystemExit("no eos candidate: change the prompt seed")
-
-
-def timed_call(fn: Callable[[], Any]) -> tuple[Any, int]:
-    before = compiles()
-    out = fn()
-    torch_xla.sync()
-    return out, compiles() - before
 
 
 def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
@@ -280,11 +211,11 @@ def case_fallback(args: argparse.Namespace) -> dict[str, Any]:
     for name in options:
         target = model if name == "cpu_model" else on_xla(model)
         device = next(target.parameters()).device
-        RECORDS.lines.clear()
+        RECORDS.clear()
         out = target.generate(ids.to(device), **{**base, **FALLBACK_OPTIONS[name]})
         results[name] = {
             "took": RECORDS.took(),
-            "reasons": list(RECORDS.lines),
+            "reasons": RECORDS.messages(),
             "match": torch.equal(sequences(out), refs[name]),
         }
         model = target.to("cpu") if name != "cpu_model" else target
@@ -365,7 +296,7 @@ def case_replay(args: argparse.Namespace) -> dict[str, Any]:
                 ids.to(device), attention_mask=mask.to(device), xla_replay=replay, **kw
             )
         )
-        done = [line for line in RECORDS.lines if line.startswith("fast path done")][-1]
+        done = [line for line in RECORDS.messages() if line.startswith("fast path done")][-1]
         runs[str(replay)] = {
             "match": torch.equal(sequences(out), ref),
             "compiles": graphs,
@@ -407,25 +338,44 @@ def case_warmup(args: argparse.Namespace) -> dict[str, Any]:
     return {"warmup_compiles": warmed, "compiles_after": after, "match": match, "took": RECORDS.took()}
 
 
+def _spy_dots() -> list[int]:
+    """Thread ids of the calls that reach fastgen.swaps' small-row ``F.linear``."""
+    from xla_cache_patch.fastgen import swaps
+
+    callers: list[int] = []
+    real = swaps._linear
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        callers.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    swaps._linear = spy
+    return callers
+
+
 def case_dots(args: argparse.Namespace) -> dict[str, Any]:
-    """XLA:CPU's small-row dots (fastgen.swaps): same products as F.linear, restored after generate."""
+    """XLA:CPU's small-row dots (fastgen.swaps): same products as F.linear, off again after the block."""
     from xla_cache_patch.fastgen import swaps
 
     original = torch.nn.functional.linear
     device = torch_xla.device()
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
+    cases = []
+    for rows in (1, 2, 3, 4, 9, 16, 17):
+        x = torch.randn(rows, 1, 64, generator=gen)
+        cases += [(x, b, original(x, weight, b)) for b in (None, bias)]  # stock's products, before the block
     worst = 0.0
+    callers = _spy_dots()
     with swaps.xla_cpu_dots(device):
-        swapped = torch.nn.functional.linear is swaps._linear
-        for rows in (1, 2, 3, 4, 9, 16, 17):
-            x = torch.randn(rows, 1, 64, generator=gen)
-            for b in (None, bias):
-                got = torch.nn.functional.linear(
-                    x.to(device), weight.to(device), None if b is None else b.to(device)
-                )
-                worst = max(worst, float((got.cpu() - original(x, weight, b)).abs().max()))
-    restored_after_block = torch.nn.functional.linear is original
+        for x, b, expected in cases:
+            got = torch.nn.functional.linear(
+                x.to(device), weight.to(device), None if b is None else b.to(device)
+            )
+            worst = max(worst, float((got.cpu() - expected).abs().max()))
+    swapped = len(callers) == len(cases)  # every F.linear in the block went through the swap
+    torch.nn.functional.linear(torch.randn(2, 1, 64).to(device), weight.to(device))
+    off_after_block = len(callers) == len(cases) and torch.nn.functional.linear is original
     model = build("llama")
     ids, mask = prompts(4)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=PAD)
@@ -436,15 +386,66 @@ def case_dots(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "swapped": swapped,
         "max_abs_diff": worst,
-        "restored": restored_after_block and torch.nn.functional.linear is original,
+        "restored": off_after_block and torch.nn.functional.linear is original,
         "match": torch.equal(sequences(out), ref),
         "compiles": graphs,
         "took": RECORDS.took(),
     }
 
 
+def case_dots_thread(args: argparse.Namespace) -> dict[str, Any]:
+    """Another thread runs F.linear on CPU during three fast-path calls (batch 2, so the dots swap is
+    on): it looks up the original function and gets stock's products; only the fast path's thread
+    reaches the swap."""
+    original = torch.nn.functional.linear
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 1, 64, generator=gen), torch.randn(48, 64, generator=gen)
+    expected = original(x, weight)
+    model = build("llama")
+    ids, mask = prompts(2)
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=PAD)
+    ref = model.generate(ids, attention_mask=mask, **kwargs)
+    xla_cache_patch.apply()
+    device = torch_xla.device()
+    model = on_xla(model)
+    callers = _spy_dots()
+    stop, running = threading.Event(), threading.Event()
+    looks: list[tuple[bool, bool, bool]] = []  # (inside a generate call, original object, stock result)
+
+    def server() -> None:
+        while not stop.is_set():
+            during = running.is_set()
+            f = torch.nn.functional.linear
+            looks.append((during, f is original, torch.equal(f(x, weight), expected)))
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=server)
+    thread.start()
+    match = []
+    try:
+        for _ in range(3):
+            running.set()
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
+            running.clear()
+            match.append(torch.equal(sequences(out), ref))
+    finally:
+        stop.set()
+        thread.join()
+    during = [look for look in looks if look[0]]
+    return {
+        "looks_during": len(during),
+        "saw_swapped": sum(not same_object for _, same_object, _ in during),
+        "wrong_results": sum(not right for *_, right in looks),
+        "swap_callers_other_threads": sum(ident != threading.get_ident() for ident in callers),
+        "swap_calls": len(callers),
+        "match": match,
+        "took": RECORDS.took(),
+    }
+
+
 CASES = {
     "dots": case_dots,
+    "dots-thread": case_dots_thread,
     "warmup": case_warmup,
     "greedy": case_greedy,
     "compiles": case_compiles,

@@ -19,17 +19,26 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import logging
-import traceback
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch_xla
-import torch_xla.debug.metrics as met
 import transformers
+from common import (
+    LLAMA_FIELDS,
+    PAD,
+    VOCAB,
+    DeclinedFastPath,
+    attempt,
+    listen,
+    on_xla,
+    pick_eos,
+    prompts,
+    sequences,
+    timed_call,
+)
 
 import xla_cache_patch
 
@@ -38,98 +47,13 @@ try:
 except ImportError:  # before the package refactor
     from xla_cache_patch import tiny
 
-VOCAB = 256
-PAD = VOCAB - 1
 CACHE_LEN = 64
-
-
-class DeclinedFastPath(Exception):
-    """Raised from the log handler when a call that must take the fast path is declined."""
-
-
-FALLBACK_PREFIX = "generate falls back"
-
-
-class Records(logging.Handler):
-    """Every record of the ``xla_cache_patch`` loggers: the fast path's debug lines and the warnings.
-
-    With ``abort_on_fallback`` set, the fallback's log line raises :class:`DeclinedFastPath` before
-    transformers' generate runs: stock generate on XLA compiles a graph per step (55 for 16 tokens), which
-    is near what XLA:CPU survives in one process.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.abort_on_fallback = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        if self.abort_on_fallback and record.getMessage().startswith(FALLBACK_PREFIX):
-            raise DeclinedFastPath(record.getMessage())
-
-    def clear(self) -> None:
-        self.records.clear()
-
-    def took(self) -> list[str]:
-        lines = [r.getMessage() for r in self.records if r.name == "xla_cache_patch.fastgen"]
-        return [
-            "fast" if line.startswith("fast path:") else "fallback"
-            for line in lines
-            if line.startswith(("fast path:", FALLBACK_PREFIX))
-        ]
-
-    def warnings(self) -> list[dict[str, Any]]:
-        return [
-            {"logger": r.name, "level": r.levelname, "message": r.getMessage()}
-            for r in self.records
-            if r.levelno >= logging.WARNING
-        ]
-
-
-RECORDS = Records()
-_logger = logging.getLogger("xla_cache_patch")
-_logger.addHandler(RECORDS)
-_logger.setLevel(logging.DEBUG)
-
-
-def prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts of lengths 8, 5, 3 (batch 1: 8 tokens, no padding)."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [8, 5, 3, 6][:batch]
-    ids = torch.full((batch, max(lengths)), PAD, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, -length:] = torch.randint(3, PAD, (length,), generator=gen)
-        mask[row, -length:] = 1
-    return ids, mask
+RECORDS = listen()
 
 
 def more_tokens(batch: int, count: int = 3, seed: int = 5) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, PAD, (batch, count), generator=gen)
-
-
-def compiles() -> int:
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
-
-
-def timed_call(fn: Callable[[], Any]) -> tuple[Any, int]:
-    before = compiles()
-    out = fn()
-    torch_xla.sync()
-    return out, compiles() - before
-
-
-def on_xla(model: torch.nn.Module) -> torch.nn.Module:
-    model.__dict__.pop("_cache", None)  # transformers < 5.15 keeps the CPU static cache on the model
-    model._modules.pop("_cache", None)
-    return model.to(torch_xla.device())
-
-
-def sequences(out: Any) -> torch.Tensor:
-    return (out if isinstance(out, torch.Tensor) else out.sequences).cpu()
 
 
 def returned_cache(out: Any) -> Any:
@@ -141,16 +65,6 @@ def returned_cache(out: Any) -> Any:
     raise SystemExit(f"{type(out).__name__} carries no cache")
 
 
-def pick_eos(ref: torch.Tensor, prompt_len: int) -> int:
-    """A token row 0 produces early that no other row produces and row 0 has not produced before."""
-    new = ref[:, prompt_len:]
-    for step in range(1, new.shape[1] - 2):
-        token = int(new[0, step])
-        if token not in new[1:].flatten().tolist() and token not in new[0, :step].tolist():
-            return token
-    raise SystemExit("no eos candidate: change the prompt seed")
-
-
 def static_cache(model: torch.nn.Module, batch: int, device: Any) -> Any:
     """transformers' own StaticCache, keywords only (4.x wants batch, device and dtype up front)."""
     params = inspect.signature(transformers.StaticCache.__init__).parameters
@@ -159,19 +73,6 @@ def static_cache(model: torch.nn.Module, batch: int, device: Any) -> Any:
             config=model.config, batch_size=batch, max_cache_len=CACHE_LEN, device=device, dtype=torch.float32
         )
     return transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
-
-
-def error(exc: BaseException) -> dict[str, str]:
-    frames = traceback.extract_tb(exc.__traceback__)[-3:]
-    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-    return {"type": type(exc).__name__, "message": str(exc), "where": where}
-
-
-def attempt(fn: Callable[[], Any]) -> tuple[Any, dict[str, str] | None]:
-    try:
-        return fn(), None
-    except Exception as exc:
-        return None, error(exc)
 
 
 def python_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -194,15 +95,7 @@ def gpt_neo() -> torch.nn.Module:
 
 def mixtral() -> torch.nn.Module:
     config = transformers.MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
+        **LLAMA_FIELDS, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128
     )
     torch.manual_seed(0)
     return transformers.MixtralForCausalLM(config).eval()

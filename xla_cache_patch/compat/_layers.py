@@ -6,20 +6,24 @@ Also how those eras build a ``StaticCache`` and list its buffers; the era module
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from xla_cache_patch.compat import find_class, has_varargs
 from xla_cache_patch.compat._ops import (
-    Options,
+    Call,
     Pair,
+    Tensor,
+    WriteOptions,
+    before_write,
     cache_position,
     check_bounds,
-    kv,
+    checked_states,
     occupied_length,
     positions,
     replace,
+    replacement,
     roll_write,
     write,
 )
@@ -45,7 +49,19 @@ def cache_buffers(cache: Any) -> list[torch.Tensor]:
     ]
 
 
-def ensure_layer(self: Any, key: torch.Tensor, value: torch.Tensor, opts: Options) -> None:
+def static_layer_era(module: Any, *, lazy: bool) -> bool:
+    """A ``StaticLayer`` whose own ``update`` takes fixed parameters (4.54-5.3), its buffers allocated
+    lazily (``lazy_initialization``, 4.56+) or at construction (4.54-4.55)."""
+    layer = find_class(module, "StaticLayer")
+    return (
+        layer is not None
+        and "update" in vars(layer)
+        and not has_varargs(vars(layer)["update"])
+        and hasattr(layer, "lazy_initialization") == lazy
+    )
+
+
+def ensure_layer(self: Any, key: Tensor, value: Tensor, opts: WriteOptions) -> None:
     if opts.get("moves_device") and self.device != key.device:
         self.device = key.device
         self.keys, self.values = self.keys.to(self.device), self.values.to(self.device)
@@ -57,7 +73,7 @@ def ensure_layer(self: Any, key: torch.Tensor, value: torch.Tensor, opts: Option
         self.lazy_initialization(key)
 
 
-def layer_store(self: Any, k: torch.Tensor, v: torch.Tensor) -> Pair:
+def layer_store(self: Any, k: Tensor, v: Tensor) -> Pair:
     if self.keys is not k:
         self.keys = k
     if self.values is not v:
@@ -65,65 +81,59 @@ def layer_store(self: Any, k: torch.Tensor, v: torch.Tensor) -> Pair:
     return self.keys, self.values
 
 
-def layer_write(
-    mode: str,
-    opts: Options,
-    self: Any,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    pos: torch.Tensor,
-) -> Pair:
-    key, value = kv(self.keys, self.values, key_states, value_states, pos.shape[0], opts)
+def layer_write(call: Call, self: Any, key_states: Tensor, value_states: Tensor, pos: Tensor) -> Pair:
+    """Write at ``pos`` into the layer's buffers, checked first, stored back in functional mode."""
+    key, value = checked_states(self.keys, self.values, key_states, value_states, pos.shape[0], call.opts)
     check_bounds(pos, self.keys.shape[2], type(self).__name__)
-    return layer_store(self, write(mode, self.keys, pos, key), write(mode, self.values, pos, value))
+    before_write(self.keys, self.values)
+    return layer_store(self, write(call.mode, self.keys, pos, key), write(call.mode, self.values, pos, value))
 
 
+def counter_write(call: Call, self: Any, key_states: Tensor, value_states: Tensor) -> Pair:
+    """Write at the device counter ``cumulative_length`` (5.4+), then advance it: no host value."""
+    n = key_states.shape[-2]
+    pos = torch.arange(n, device=self.keys.device, dtype=torch.int64) + self.cumulative_length.reshape(-1)[:1]
+    result = layer_write(call, self, key_states, value_states, pos)
+    self.cumulative_length.add_(n)
+    return result
+
+
+@replacement
 def layer_static_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    self: Any,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    cache_kwargs: Any = None,
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, cache_kwargs: Any = None
 ) -> Pair:
     pos = cache_position(cache_kwargs)
-    if pos is None and opts.get("moves_device"):  # 4.54-4.55 copy the whole buffer then
-        return wrapped(key_states, value_states, cache_kwargs)
-    ensure_layer(self, key_states, value_states, opts)
+    if pos is None and call.opts.get("moves_device"):  # 4.54-4.55 copy the whole buffer then
+        return call.wrapped(key_states, value_states, cache_kwargs)
+    ensure_layer(self, key_states, value_states, call.opts)
     if pos is None:
         pos = torch.arange(key_states.shape[-2], device=self.keys.device)
-    return layer_write(mode, opts, self, key_states, value_states, positions(pos, self.keys.device))
+    return layer_write(call, self, key_states, value_states, positions(pos, self.keys.device))
 
 
-def layer_seq_length(
-    mode: str, opts: Options, wrapped: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+@replacement
+def layer_seq_length(call: Call, self: Any, *args: Any, **kwargs: Any) -> Any:
     if args or kwargs.get("cache_position") is not None:  # 4.54-4.55 answer from the positions
-        return wrapped(*args, **kwargs)
+        return call.wrapped(*args, **kwargs)
     if not getattr(self, "is_initialized", True) or getattr(self, "keys", None) is None:
-        return wrapped(*args, **kwargs)
+        return call.wrapped(*args, **kwargs)
     return occupied_length(self.keys)
 
 
+@replacement
 def layer_sliding_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    self: Any,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    *args: Any,
-    **kwargs: Any,
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
 ) -> Pair:
     """StaticSlidingWindowLayer (4.57+): host-side counter decides fill / roll / overflow-by-concat."""
+    mode, opts = call.mode, call.opts
     counter = opts.get("counter", "cumulative_length")
     ensure_layer(self, key_states, value_states, opts)
-    key, value = kv(self.keys, self.values, key_states, value_states, key_states.shape[-2], opts)
+    key, value = checked_states(self.keys, self.values, key_states, value_states, key_states.shape[-2], opts)
     n, length = key.shape[2], self.max_cache_len
     current = getattr(self, counter)
     setattr(self, counter, current + n)
     if current >= length and n == 1:
+        before_write(self.keys, self.values)
         return layer_store(self, *roll_write(mode, self.keys, self.values, key, value))
     if current >= length or current + n > length:
         if current >= length:
@@ -134,6 +144,7 @@ def layer_sliding_update(
         else:
             full_k = torch.cat((self.keys[:, :, :current, :], key), dim=-2)
             full_v = torch.cat((self.values[:, :, :current, :], value), dim=-2)
+        before_write(self.keys, self.values)
         layer_store(
             self,
             replace(mode, self.keys, full_k[:, :, -length:, :]),
@@ -141,15 +152,9 @@ def layer_sliding_update(
         )
         return full_k, full_v
     if opts.get("device_counter"):
-        pos = (
-            torch.arange(n, device=self.keys.device, dtype=torch.int64)
-            + self.cumulative_length.reshape(-1)[:1]
-        )
-        result = layer_write(mode, opts, self, key, value, pos)
-        self.cumulative_length.add_(n)
-        return result
+        return counter_write(call, self, key, value)
     cache_kwargs = kwargs.get("cache_kwargs", args[0] if args else None)
     pos = cache_position(cache_kwargs)
     if pos is None:
         pos = torch.arange(n, device=self.keys.device)
-    return layer_write(mode, opts, self, key, value, positions(pos, self.keys.device))
+    return layer_write(call, self, key, value, positions(pos, self.keys.device))

@@ -12,31 +12,56 @@ against it on CPU eager) and changes only the ops:
 - lengths are read with ``index_select``, never with a view index or a host sync.
 
 Every replacement is ``impl(mode, options, wrapped, *original_args)``, where ``wrapped`` is the
-original bound to the same instance.
+original bound to the same instance; the era modules write it as ``body(call, *original_args)`` under
+``@replacement``, ``call`` holding the first three. A write first checks its states (``checked_states``,
+no side effect), then its positions (``check_bounds``), then runs ``before_write`` on the buffers, then
+writes.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from xla_cache_patch.activation import flag_on
+from xla_cache_patch.settings import CHECKS_ENV_VAR, flag_on
 from xla_cache_patch.errors import CacheDtypeError, CacheOverflowError
 
 INPLACE = "inplace"
 FUNCTIONAL = "functional"
-Options = Mapping[str, Any]
+WriteOptions = Mapping[str, Any]
+"""A target's options (``Target.options`` plus ``casts``), read by its write."""
 Pair = tuple[torch.Tensor, torch.Tensor]
+Tensor = torch.Tensor
+R = TypeVar("R")
+
+#: ``XLA_CACHE_PATCH_CHECKS``, read once when this module loads (the first ``apply``, or whatever first
+#: loads an era adapter): a later change of the variable takes effect in a new process only.
+DEVICE_CHECKS = flag_on(os.environ.get(CHECKS_ENV_VAR))
+
+
+class Call(NamedTuple):
+    """What a replacement gets besides the original's arguments."""
+
+    mode: str  # INPLACE or FUNCTIONAL
+    opts: WriteOptions
+    wrapped: Callable[..., Any]  # the original, bound to the same instance
+
+
+def replacement(body: Callable[..., R]) -> Callable[..., R]:
+    """``body(call, *original_args)`` as the ``impl(mode, options, wrapped, *original_args)`` of a Target."""
+
+    @functools.wraps(body)
+    def impl(mode: str, opts: WriteOptions, wrapped: Callable[..., Any], *args: Any, **kwargs: Any) -> R:
+        return body(Call(mode, opts, wrapped), *args, **kwargs)
+
+    return impl
 
 
 # --- checks -------------------------------------------------------------------------------------
-
-
-def _device_checks_enabled() -> bool:
-    return flag_on(os.environ.get("XLA_CACHE_PATCH_CHECKS"))
 
 
 def positions(pos: Any, device: torch.device) -> torch.Tensor:
@@ -58,10 +83,11 @@ def check_bounds(pos: torch.Tensor, capacity: int, where: str) -> None:
     """Raise ``CacheOverflowError`` for a position outside ``[0, capacity)``.
 
     On CPU this is free and always on. On an XLA device it needs a host sync (and would break
-    the graph), so it runs only with ``XLA_CACHE_PATCH_CHECKS=1``: without it XLA's scatter
-    drops an out-of-range row silently.
+    the graph), so it runs only with ``XLA_CACHE_PATCH_CHECKS=1`` (``DEVICE_CHECKS``): without it
+    XLA's scatter drops an out-of-range row silently. While ``torch.compile`` traces it is skipped,
+    as stock has no such check: reading the positions on the host would break the graph.
     """
-    if pos.numel() == 0 or (pos.device.type != "cpu" and not _device_checks_enabled()):
+    if pos.numel() == 0 or torch.compiler.is_compiling() or (pos.device.type != "cpu" and not DEVICE_CHECKS):
         return
     low, high = int(pos.min()), int(pos.max())
     if low < 0 or high >= capacity:
@@ -97,30 +123,36 @@ def states(buf: torch.Tensor, x: torch.Tensor, n: int | None, what: str, casts: 
     return x.to(buf.dtype)
 
 
-def kv(
+def checked_states(
     k: torch.Tensor,
     v: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     n: int | None = None,
-    opts: Options | None = None,
+    opts: WriteOptions | None = None,
 ) -> Pair:
-    """Both states checked before anything is written, so a bad value never leaves a half-written cache."""
+    """Both states checked (and cast) before anything is written, so a bad value never leaves a
+    half-written cache. No side effect: the buffers are only read."""
     casts = True if opts is None else bool(opts.get("casts", True))
-    checked = states(k, key, n, "key_states", casts), states(v, value, n, "value_states", casts)
-    if _buffer_hook is not None:
-        _buffer_hook(k)
-        _buffer_hook(v)
-    return checked
+    return states(k, key, n, "key_states", casts), states(v, value, n, "value_states", casts)
 
 
 _buffer_hook: Callable[[torch.Tensor], None] | None = None
 
 
 def set_buffer_hook(hook: Callable[[torch.Tensor], None] | None) -> None:
-    """Run ``hook`` on each cache buffer before a patched write (``xla_cache_patch.spmd`` shards them)."""
+    """Run ``hook`` on each cache buffer in ``before_write`` (``xla_cache_patch.spmd`` shards them)."""
     global _buffer_hook
     _buffer_hook = hook
+
+
+def before_write(k: torch.Tensor, v: torch.Tensor) -> None:
+    """What a patched write does to its buffers before it writes, once its inputs are checked: the hook
+    ``set_buffer_hook`` installed (SPMD: may wait for the device and ``mark_sharding``), else nothing."""
+    hook = _buffer_hook
+    if hook is not None:
+        hook(k)
+        hook(v)
 
 
 def cache_position(cache_kwargs: Mapping[str, Any] | None) -> Any:

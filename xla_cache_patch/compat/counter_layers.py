@@ -8,7 +8,6 @@ that counter: already sync-free, not wrapped. ``StaticSlidingWindowLayer`` keeps
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -17,12 +16,12 @@ import torch
 from xla_cache_patch.compat import Adapter, Target, find_class, has_varargs
 from xla_cache_patch.compat._layers import (
     cache_buffers,
+    counter_write,
     ensure_layer,
     layer_sliding_update,
-    layer_write,
     make_lazy_static_cache,
 )
-from xla_cache_patch.compat._ops import Options, Pair
+from xla_cache_patch.compat._ops import Call, Pair, Tensor, replacement
 from xla_cache_patch.compat._storage import LAYERS
 
 
@@ -31,23 +30,13 @@ def detect(module: ModuleType) -> bool:
     return layer is not None and "update" in vars(layer) and has_varargs(vars(layer)["update"])
 
 
+@replacement
 def layer_counter_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    self: Any,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    *args: Any,
-    **kwargs: Any,
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
 ) -> Pair:
     """5.4+: the position is the device counter ``cumulative_length``, never a host value."""
-    ensure_layer(self, key_states, value_states, opts)
-    n = key_states.shape[-2]
-    pos = torch.arange(n, device=self.keys.device, dtype=torch.int64) + self.cumulative_length.reshape(-1)[:1]
-    result = layer_write(mode, opts, self, key_states, value_states, pos)
-    self.cumulative_length.add_(n)
-    return result
+    ensure_layer(self, key_states, value_states, call.opts)
+    return counter_write(call, self, key_states, value_states)
 
 
 def set_length(cache: Any, length: int) -> None:

@@ -7,43 +7,30 @@ whole buffer and is left to transformers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from xla_cache_patch.compat import Adapter, Target, find_class, has_varargs
+from xla_cache_patch.compat import Adapter, Target
+from xla_cache_patch.compat import _ops as ops
 from xla_cache_patch.compat._layers import (
     cache_buffers,
     ensure_layer,
     layer_seq_length,
     layer_static_update,
     layer_store,
+    static_layer_era,
 )
 from xla_cache_patch.compat._lists import CHUNKED, NEW_WINDOW, OFFLOADED
-from xla_cache_patch.compat._ops import (
-    Options,
-    Pair,
-    cache_position,
-    kv,
-    positions,
-    window_prefill,
-    window_write,
-)
+from xla_cache_patch.compat._ops import Call, Pair, Tensor, replacement
 from xla_cache_patch.compat._storage import LAYERS
 
 _LAYER = ("key_states", "value_states", "cache_kwargs")
 
 
 def detect(module: ModuleType) -> bool:
-    layer = find_class(module, "StaticLayer")
-    return (
-        layer is not None
-        and "update" in vars(layer)
-        and not has_varargs(vars(layer)["update"])
-        and not hasattr(layer, "lazy_initialization")
-    )
+    return static_layer_era(module, lazy=False)
 
 
 def make_static_cache(
@@ -61,26 +48,22 @@ def make_static_cache(
     )
 
 
+@replacement
 def layer_window_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    self: Any,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    cache_kwargs: Any = None,
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, cache_kwargs: Any = None
 ) -> Pair:
     """SlidingWindowLayer of 4.54-4.55: rolls on the device like 4.52's helper, returns the buffers."""
-    pos = cache_position(cache_kwargs)
+    pos = ops.cache_position(cache_kwargs)
     if pos is None:
-        return wrapped(key_states, value_states, cache_kwargs)
+        return call.wrapped(key_states, value_states, cache_kwargs)
     ensure_layer(self, key_states, value_states, {"moves_device": True})
-    pos = positions(pos, self.keys.device)
-    key, value = kv(self.keys, self.values, key_states, value_states, pos.shape[0], opts)
+    pos = ops.positions(pos, self.keys.device)
+    key, value = ops.checked_states(self.keys, self.values, key_states, value_states, pos.shape[0], call.opts)
+    ops.before_write(self.keys, self.values)
     if pos.shape[0] > self.keys.shape[2]:
-        layer_store(self, *window_prefill(mode, self.keys, self.values, key, value, "copy"))
+        layer_store(self, *ops.window_prefill(call.mode, self.keys, self.values, key, value, "copy"))
         return key_states, value_states
-    _, stored = window_write(mode, self.keys, self.values, key, value, pos, opts["shift_at"])
+    _, stored = ops.window_write(call.mode, self.keys, self.values, key, value, pos, call.opts["shift_at"])
     return layer_store(self, *stored)
 
 

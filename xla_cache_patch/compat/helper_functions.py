@@ -7,13 +7,11 @@ methods that own the buffers instead. The states are cast to the cache dtype, as
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import torch
-
 from xla_cache_patch.compat import Adapter, Target, find_class
+from xla_cache_patch.compat import _ops as ops
 from xla_cache_patch.compat._lists import (
     CHUNKED,
     HYBRID,
@@ -29,16 +27,7 @@ from xla_cache_patch.compat._lists import (
     list_static_update,
     make_static_cache,
 )
-from xla_cache_patch.compat._ops import (
-    INPLACE,
-    Options,
-    Pair,
-    check_bounds,
-    kv,
-    positions,
-    window_prefill,
-    window_write,
-)
+from xla_cache_patch.compat._ops import INPLACE, Call, Pair, Tensor, replacement
 from xla_cache_patch.compat._storage import LISTS
 
 
@@ -52,43 +41,33 @@ def detect(module: ModuleType) -> bool:
     )
 
 
-def helper_static_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    cache_position: Any,
-) -> Pair:
+@replacement
+def helper_static_update(call: Call, k_cache: Tensor, v_cache: Tensor, *args: Any) -> Pair:
+    """``_static_cache_update(k_cache, v_cache, key_states, value_states, cache_position)``."""
+    key_states, value_states, cache_position = args
     if cache_position is None:
-        return wrapped(k_cache, v_cache, key_states, value_states, cache_position)
-    pos = positions(cache_position, k_cache.device)
-    key, value = kv(k_cache, v_cache, key_states, value_states, pos.shape[0], opts)
-    check_bounds(pos, k_cache.shape[2], "StaticCache")
+        return call.wrapped(k_cache, v_cache, *args)
+    pos = ops.positions(cache_position, k_cache.device)
+    key, value = ops.checked_states(k_cache, v_cache, key_states, value_states, pos.shape[0], call.opts)
+    ops.check_bounds(pos, k_cache.shape[2], "StaticCache")
+    ops.before_write(k_cache, v_cache)
     return k_cache.index_copy_(2, pos, key), v_cache.index_copy_(2, pos, value)
 
 
-def helper_sliding_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    cache_position: Any,
-    max_cache_len: int,
-) -> Pair:
+@replacement
+def helper_sliding_update(call: Call, k_cache: Tensor, v_cache: Tensor, *args: Any) -> Pair:
+    """``_sliding_cache_update(k_cache, v_cache, key_states, value_states, cache_position, max_cache_len)``
+    (called with positional arguments, as is ``_static_cache_update``)."""
+    key_states, value_states, cache_position, max_cache_len = args
     if k_cache.shape[2] != max_cache_len:
-        return wrapped(k_cache, v_cache, key_states, value_states, cache_position, max_cache_len)
-    pos = positions(cache_position, k_cache.device)
-    key, value = kv(k_cache, v_cache, key_states, value_states, pos.shape[0], opts)
+        return call.wrapped(k_cache, v_cache, *args)
+    pos = ops.positions(cache_position, k_cache.device)
+    key, value = ops.checked_states(k_cache, v_cache, key_states, value_states, pos.shape[0], call.opts)
+    ops.before_write(k_cache, v_cache)
     if pos.shape[0] > max_cache_len:
-        window_prefill(INPLACE, k_cache, v_cache, key, value, "copy")
+        ops.window_prefill(INPLACE, k_cache, v_cache, key, value, "copy")
         return key_states, value_states
-    returned, _ = window_write(INPLACE, k_cache, v_cache, key, value, pos, 0)
+    returned, _ = ops.window_write(INPLACE, k_cache, v_cache, key, value, pos, 0)
     return returned
 
 

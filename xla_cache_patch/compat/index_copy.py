@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from xla_cache_patch.compat import Adapter, Target, code_names, find_class
+from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat._lists import (
     CHUNKED,
     HYBRID,
@@ -21,20 +21,17 @@ from xla_cache_patch.compat._lists import (
     cache_buffers,
     hybrid_sliding_update,
     hybrid_static_update,
+    list_era,
     list_seq_length,
     list_sliding_update,
     list_static_update,
     make_static_cache,
-    plain_list_era,
 )
 from xla_cache_patch.compat._storage import LISTS
 
 
 def detect(module: ModuleType) -> bool:
-    static = find_class(module, "StaticCache")
-    return (
-        plain_list_era(module) and static is not None and "index_copy_" in code_names(vars(static)["update"])
-    )
+    return list_era(module, index_copy=True)
 
 
 ADAPTER = Adapter(

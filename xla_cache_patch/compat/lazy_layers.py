@@ -9,13 +9,11 @@ originals do not cast the states: a dtype mismatch raises, here and in stock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import torch
-
-from xla_cache_patch.compat import Adapter, Target, find_class, has_varargs
+from xla_cache_patch.compat import Adapter, Target
+from xla_cache_patch.compat import _ops as ops
 from xla_cache_patch.compat._layers import (
     cache_buffers,
     ensure_layer,
@@ -23,64 +21,44 @@ from xla_cache_patch.compat._layers import (
     layer_sliding_update,
     layer_static_update,
     layer_store,
+    layer_write,
     make_lazy_static_cache,
+    static_layer_era,
 )
 from xla_cache_patch.compat._lists import CHUNKED
-from xla_cache_patch.compat._ops import (
-    Options,
-    Pair,
-    cache_position,
-    check_bounds,
-    kv,
-    positions,
-    roll_write,
-    window_prefill,
-    write,
-)
+from xla_cache_patch.compat._ops import Call, Pair, Tensor, replacement
 from xla_cache_patch.compat._storage import LAYERS
 
 _LAYER = ("key_states", "value_states", "cache_kwargs")
 
 
 def detect(module: ModuleType) -> bool:
-    layer = find_class(module, "StaticLayer")
-    return (
-        layer is not None
-        and "update" in vars(layer)
-        and not has_varargs(vars(layer)["update"])
-        and hasattr(layer, "lazy_initialization")
-    )
+    return static_layer_era(module, lazy=True)
 
 
+@replacement
 def layer_window_roll_update(
-    mode: str,
-    opts: Options,
-    wrapped: Callable[..., Any],
-    self: Any,
-    key_states: torch.Tensor,
-    value_states: torch.Tensor,
-    cache_kwargs: Any = None,
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, cache_kwargs: Any = None
 ) -> Pair:
     """SlidingWindowLayer of 4.56: host-side counter; a full window rolls by one."""
-    pos = cache_position(cache_kwargs)
+    pos = ops.cache_position(cache_kwargs)
     if pos is None:
-        return wrapped(key_states, value_states, cache_kwargs)
-    ensure_layer(self, key_states, value_states, opts)
-    pos = positions(pos, self.keys.device)
-    key, value = kv(self.keys, self.values, key_states, value_states, pos.shape[0], opts)
+        return call.wrapped(key_states, value_states, cache_kwargs)
+    ensure_layer(self, key_states, value_states, call.opts)
+    pos = ops.positions(pos, self.keys.device)
+    key, value = ops.checked_states(self.keys, self.values, key_states, value_states, pos.shape[0], call.opts)
     is_full = self.cumulative_length >= self.max_cache_len
     self.cumulative_length += key_states.shape[-2]
     if pos.shape[0] > self.max_cache_len:
-        layer_store(self, *window_prefill(mode, self.keys, self.values, key, value, "copy"))
+        ops.before_write(self.keys, self.values)
+        layer_store(self, *ops.window_prefill(call.mode, self.keys, self.values, key, value, "copy"))
         return key_states, value_states
-    if is_full:
-        if key.shape[2] != 1:
-            raise ValueError(
-                f"{type(self).__name__} is full: it takes one token per step, got {key.shape[2]}"
-            )
-        return layer_store(self, *roll_write(mode, self.keys, self.values, key, value))
-    check_bounds(pos, self.keys.shape[2], type(self).__name__)
-    return layer_store(self, write(mode, self.keys, pos, key), write(mode, self.values, pos, value))
+    if not is_full:
+        return layer_write(call, self, key, value, pos)
+    if key.shape[2] != 1:
+        raise ValueError(f"{type(self).__name__} is full: it takes one token per step, got {key.shape[2]}")
+    ops.before_write(self.keys, self.values)
+    return layer_store(self, *ops.roll_write(call.mode, self.keys, self.values, key, value))
 
 
 ADAPTER = Adapter(

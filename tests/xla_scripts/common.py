@@ -1,0 +1,167 @@
+"""What the generate scripts (gen_cases, gen_paths, arch_sweep) share: prompts, records, compile counts.
+
+Each script runs as ``python tests/xla_scripts/<script>.py``, so this folder is first on ``sys.path`` and
+``import common`` finds this module. torch_xla is imported only where a function needs the device:
+arch_sweep computes its CPU references before torch_xla starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 256
+PAD = VOCAB - 1
+#: A Llama-shaped tiny config in the field names most decoder configs share (random weights).
+LLAMA_FIELDS: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+FALLBACK_PREFIX = "generate falls back"
+FAST_PREFIX = "fast path:"
+
+
+def took(records: Iterable[logging.LogRecord]) -> list[str]:
+    """Per ``generate`` call, in order: ``"fast"`` or ``"fallback"``, read from the fast path's debug lines.
+
+    The one place the scripts parse log prefixes to tell the two apart.
+    """
+    lines = [r.getMessage() for r in records if r.name == "xla_cache_patch.fastgen"]
+    return [
+        "fast" if line.startswith(FAST_PREFIX) else "fallback"
+        for line in lines
+        if line.startswith((FAST_PREFIX, FALLBACK_PREFIX))
+    ]
+
+
+class DeclinedFastPath(Exception):
+    """Raised from the log handler when a call that must take the fast path is declined."""
+
+
+class Records(logging.Handler):
+    """Every record of the ``xla_cache_patch`` loggers: the fast path's debug lines and the warnings.
+
+    With ``abort_on_fallback`` set, the fallback's log line raises :class:`DeclinedFastPath` before
+    transformers' generate runs: stock generate on XLA compiles a graph per step (55 for 16 tokens), which
+    is near what XLA:CPU survives in one process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.abort_on_fallback = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if self.abort_on_fallback and record.getMessage().startswith(FALLBACK_PREFIX):
+            raise DeclinedFastPath(record.getMessage())
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def took(self) -> list[str]:
+        return took(self.records)
+
+    def messages(self, logger: str = "xla_cache_patch.fastgen") -> list[str]:
+        return [r.getMessage() for r in self.records if r.name == logger]
+
+    def lines(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level and r.name.startswith("xla_cache")]
+
+    def warnings(self) -> list[dict[str, Any]]:
+        return [
+            {"logger": r.name, "level": r.levelname, "message": r.getMessage()}
+            for r in self.records
+            if r.levelno >= logging.WARNING
+        ]
+
+
+def listen() -> Records:
+    """A ``Records`` on the ``xla_cache_patch`` loggers, at DEBUG."""
+    records = Records()
+    logger = logging.getLogger("xla_cache_patch")
+    logger.addHandler(records)
+    logger.setLevel(logging.DEBUG)
+    return records
+
+
+def prompts(
+    batch: int, seed: int = 1, lengths: Sequence[int] = (8, 5, 3, 6)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts, the first ``batch`` of ``lengths`` (batch 1 by default: 8 tokens, no pad)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = list(lengths)[:batch]
+    ids = torch.full((batch, max(lengths)), PAD, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, -length:] = torch.randint(3, PAD, (length,), generator=gen)
+        mask[row, -length:] = 1
+    return ids, mask
+
+
+def compiles() -> int:
+    """XLA compilations so far in this process."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def timed_call(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and the XLA compilations it caused (pending work synced first)."""
+    import torch_xla
+
+    before = compiles()
+    out = fn()
+    torch_xla.sync()
+    return out, compiles() - before
+
+
+def drop_model_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers < 5.15 keeps the CPU static cache of the last generate on the model: drop it."""
+    model.__dict__.pop("_cache", None)
+    model._modules.pop("_cache", None)
+    return model
+
+
+def on_xla(model: torch.nn.Module) -> torch.nn.Module:
+    import torch_xla
+
+    return drop_model_cache(model).to(torch_xla.device())
+
+
+def pick_eos(ref: torch.Tensor, prompt_len: int) -> int:
+    """A token row 0 produces early that no other row produces and row 0 has not produced before."""
+    new = ref[:, prompt_len:]
+    for step in range(1, new.shape[1] - 2):
+        token = int(new[0, step])
+        if token not in new[1:].flatten().tolist() and token not in new[0, :step].tolist():
+            return token
+    raise SystemExit("no eos candidate: change the prompt seed")
+
+
+def sequences(out: Any) -> torch.Tensor:
+    return (out if isinstance(out, torch.Tensor) else out.sequences).cpu()
+
+
+def error(exc: BaseException) -> dict[str, str]:
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return {"type": type(exc).__name__, "message": str(exc)[:600], "where": where}
+
+
+def attempt(fn: Callable[[], Any]) -> tuple[Any, dict[str, str] | None]:
+    """``(fn(), None)``, or ``(None, error)`` when it raises."""
+    try:
+        return fn(), None
+    except Exception as exc:
+        return None, error(exc)
