@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from xla_cache_patch.settings import CHECKS_ENV_VAR, flag_on
 from xla_cache_patch.errors import CacheDtypeError, CacheOverflowError
+from xla_cache_patch.settings import CHECKS_ENV_VAR, flag_on
 
 INPLACE = "inplace"
 FUNCTIONAL = "functional"
