@@ -73,6 +73,20 @@ def ensure_layer(self: Any, key: Tensor, value: Tensor, opts: WriteOptions) -> N
         self.lazy_initialization(key)
 
 
+def window_inputs(
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, cache_kwargs: Any, opts: WriteOptions
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The sliding layers' common start (4.54-4.56): positions, and the states checked against the
+    buffers; None when the write has no ``cache_position`` (it copies the whole buffer: transformers')."""
+    pos = cache_position(cache_kwargs)
+    if pos is None:
+        return None
+    ensure_layer(self, key_states, value_states, opts)
+    pos = positions(pos, self.keys.device)
+    key, value = checked_states(self.keys, self.values, key_states, value_states, pos.shape[0], call.opts)
+    return pos, key, value
+
+
 def layer_store(self: Any, k: Tensor, v: Tensor) -> Pair:
     if self.keys is not k:
         self.keys = k

@@ -14,13 +14,7 @@ from typing import Any
 import torch
 
 from xla_cache_patch.compat import Adapter, Target, find_class, has_varargs
-from xla_cache_patch.compat._layers import (
-    cache_buffers,
-    counter_write,
-    ensure_layer,
-    layer_sliding_update,
-    make_lazy_static_cache,
-)
+from xla_cache_patch.compat import _layers as layers
 from xla_cache_patch.compat._ops import Call, Pair, Tensor, replacement
 from xla_cache_patch.compat._storage import LAYERS
 
@@ -35,8 +29,8 @@ def layer_counter_update(
     call: Call, self: Any, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
 ) -> Pair:
     """5.4+: the position is the device counter ``cumulative_length``, never a host value."""
-    ensure_layer(self, key_states, value_states, call.opts)
-    return counter_write(call, self, key_states, value_states)
+    layers.ensure_layer(self, key_states, value_states, call.opts)
+    return layers.counter_write(call, self, key_states, value_states)
 
 
 def set_length(cache: Any, length: int) -> None:
@@ -56,13 +50,13 @@ ADAPTER = Adapter(
         Target("StaticLayer.update", layer_counter_update, ("key_states", "value_states")),
         Target(
             "StaticSlidingWindowLayer.update",
-            layer_sliding_update,
+            layers.layer_sliding_update,
             ("key_states", "value_states"),
             options=(("counter", "cumulative_length_int"), ("device_counter", True)),
         ),
     ),
-    make_static_cache=make_lazy_static_cache,
-    cache_buffers=cache_buffers,
+    make_static_cache=layers.make_lazy_static_cache,
+    cache_buffers=layers.cache_buffers,
     storage=LAYERS,
     static_sliding=True,
     set_length=set_length,

@@ -7,7 +7,7 @@ whole buffer and is left to transformers.
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
 from typing import Any
 
 import torch
@@ -16,21 +16,17 @@ from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat import _ops as ops
 from xla_cache_patch.compat._layers import (
     cache_buffers,
-    ensure_layer,
     layer_seq_length,
     layer_static_update,
     layer_store,
     static_layer_era,
+    window_inputs,
 )
 from xla_cache_patch.compat._lists import CHUNKED, NEW_WINDOW, OFFLOADED
 from xla_cache_patch.compat._ops import Call, Pair, Tensor, replacement
 from xla_cache_patch.compat._storage import LAYERS
 
 _LAYER = ("key_states", "value_states", "cache_kwargs")
-
-
-def detect(module: ModuleType) -> bool:
-    return static_layer_era(module, lazy=False)
 
 
 def make_static_cache(
@@ -53,12 +49,10 @@ def layer_window_update(
     call: Call, self: Any, key_states: Tensor, value_states: Tensor, cache_kwargs: Any = None
 ) -> Pair:
     """SlidingWindowLayer of 4.54-4.55: rolls on the device like 4.52's helper, returns the buffers."""
-    pos = ops.cache_position(cache_kwargs)
-    if pos is None:
+    inputs = window_inputs(call, self, key_states, value_states, cache_kwargs, {"moves_device": True})
+    if inputs is None:
         return call.wrapped(key_states, value_states, cache_kwargs)
-    ensure_layer(self, key_states, value_states, {"moves_device": True})
-    pos = ops.positions(pos, self.keys.device)
-    key, value = ops.checked_states(self.keys, self.values, key_states, value_states, pos.shape[0], call.opts)
+    pos, key, value = inputs
     ops.before_write(self.keys, self.values)
     if pos.shape[0] > self.keys.shape[2]:
         layer_store(self, *ops.window_prefill(call.mode, self.keys, self.values, key, value, "copy"))
@@ -71,7 +65,7 @@ ADAPTER = Adapter(
     name="eager-layers",
     versions=">=4.54,<4.56",
     test_version="4.55.4",
-    detect=detect,
+    detect=functools.partial(static_layer_era, lazy=False),
     targets=(
         Target("StaticLayer.update", layer_static_update, _LAYER, options=(("moves_device", True),)),
         Target("StaticLayer.get_seq_length", layer_seq_length, ("cache_position",)),

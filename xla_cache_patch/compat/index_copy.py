@@ -8,7 +8,7 @@ chunked layers of ``HybridChunkedCache`` (4.51) are left to transformers.
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
 
 from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat._lists import (
@@ -29,16 +29,11 @@ from xla_cache_patch.compat._lists import (
 )
 from xla_cache_patch.compat._storage import LISTS
 
-
-def detect(module: ModuleType) -> bool:
-    return list_era(module, index_copy=True)
-
-
 ADAPTER = Adapter(
     name="index-copy",
     versions=">=4.43,<4.52",
     test_version="4.46.3",
-    detect=detect,
+    detect=functools.partial(list_era, index_copy=True),
     targets=(
         Target("StaticCache.update", list_static_update, KV_LIST),
         Target("StaticCache.get_seq_length", list_seq_length, ("layer_idx",)),

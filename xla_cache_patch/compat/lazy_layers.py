@@ -9,14 +9,13 @@ originals do not cast the states: a dtype mismatch raises, here and in stock.
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
 from typing import Any
 
 from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat import _ops as ops
 from xla_cache_patch.compat._layers import (
     cache_buffers,
-    ensure_layer,
     layer_seq_length,
     layer_sliding_update,
     layer_static_update,
@@ -24,6 +23,7 @@ from xla_cache_patch.compat._layers import (
     layer_write,
     make_lazy_static_cache,
     static_layer_era,
+    window_inputs,
 )
 from xla_cache_patch.compat._lists import CHUNKED
 from xla_cache_patch.compat._ops import Call, Pair, Tensor, replacement
@@ -32,21 +32,15 @@ from xla_cache_patch.compat._storage import LAYERS
 _LAYER = ("key_states", "value_states", "cache_kwargs")
 
 
-def detect(module: ModuleType) -> bool:
-    return static_layer_era(module, lazy=True)
-
-
 @replacement
 def layer_window_roll_update(
     call: Call, self: Any, key_states: Tensor, value_states: Tensor, cache_kwargs: Any = None
 ) -> Pair:
     """SlidingWindowLayer of 4.56: host-side counter; a full window rolls by one."""
-    pos = ops.cache_position(cache_kwargs)
-    if pos is None:
+    inputs = window_inputs(call, self, key_states, value_states, cache_kwargs, call.opts)
+    if inputs is None:
         return call.wrapped(key_states, value_states, cache_kwargs)
-    ensure_layer(self, key_states, value_states, call.opts)
-    pos = ops.positions(pos, self.keys.device)
-    key, value = ops.checked_states(self.keys, self.values, key_states, value_states, pos.shape[0], call.opts)
+    pos, key, value = inputs
     is_full = self.cumulative_length >= self.max_cache_len
     self.cumulative_length += key_states.shape[-2]
     if pos.shape[0] > self.max_cache_len:
@@ -65,10 +59,10 @@ ADAPTER = Adapter(
     name="lazy-layers",
     versions=">=4.56,<5.4",
     test_version="4.57.6",
-    detect=detect,
+    detect=functools.partial(static_layer_era, lazy=True),
     targets=(
-        Target("StaticLayer.update", layer_static_update, _LAYER),
         Target("StaticLayer.get_seq_length", layer_seq_length),
+        Target("StaticLayer.update", layer_static_update, _LAYER),
         # 4.56 only: rolls by one when full, host-side cumulative_length.
         Target("SlidingWindowLayer.update", layer_window_roll_update, _LAYER, True),
         # 4.57+: the sliding layer moved to StaticSlidingWindowLayer (4.56's name is an alias).

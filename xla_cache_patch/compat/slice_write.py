@@ -7,23 +7,18 @@ the replacement.
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
 
 from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat import _lists as lists
 from xla_cache_patch.compat._lists import cache_buffers, make_static_cache
 from xla_cache_patch.compat._storage import LISTS
 
-
-def detect(module: ModuleType) -> bool:
-    return lists.list_era(module, index_copy=False)
-
-
 ADAPTER = Adapter(
     name="slice-write",
     versions=">=4.41,<4.43",
     test_version="4.42.4",
-    detect=detect,
+    detect=functools.partial(lists.list_era, index_copy=False),
     targets=(
         Target("StaticCache.update", lists.list_static_update, lists.KV_LIST),
         Target("StaticCache.get_seq_length", lists.list_seq_length, ("layer_idx",)),
