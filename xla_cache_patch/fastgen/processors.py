@@ -57,6 +57,7 @@ class Bank:
         return len(self.arrays) - 1
 
     def upload(self, device: torch.device) -> DeviceBank:
+        # one unused element when empty: no zero-size graph inputs
         ints = torch.tensor(self.ints or [0], dtype=torch.int64).to(device)
         floats = torch.tensor(self.floats or [0.0], dtype=torch.float32).to(device)
         return DeviceBank(ints, floats, [a.to(device) for a in self.arrays])
@@ -64,12 +65,11 @@ class Bank:
 
 @dataclass
 class DeviceBank:
+    """A Bank on the device; processors read it by the indices their constructor got."""
+
     ints: torch.Tensor  # [n] int64
     floats: torch.Tensor  # [m] float32
     arrays: list[torch.Tensor]  # masks and tables, never 0-dim
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.ints, self.floats, *self.arrays]
 
 
 @dataclass
