@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 
-from tests.xla_run import run_script
+from tests.xla_run import ERA_4_46, run_script
 
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.xla, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
 
 
 def sweep(arch: str, mode: str, era: Path | None = None) -> dict[str, Any]:

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.xla_run import run_script
+from tests.xla_run import ERA_4_46, run_script
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
 
 
 def run_case(*args: str, era: Path | None = None, timeout: int = 600) -> dict[str, Any]:

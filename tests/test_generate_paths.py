@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.xla_run import run_script
+from tests.xla_run import ERA_4_46, run_script
 
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
 ERAS = [pytest.param(None, id="installed"), pytest.param(ERA_4_46, id="4.46.3")]
 MAX_FAST_PATH_COMPILES = 2  # the prefill and one decode step, on every era
 

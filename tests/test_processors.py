@@ -12,21 +12,13 @@ from typing import Any
 
 import pytest
 
-from tests.xla_run import run_script
+from tests.xla_run import era_params, run_script
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
-ERAS = [
-    pytest.param(None, id="installed"),
-    pytest.param(
-        ERA_4_46,
-        id="4.46.3",
-        marks=pytest.mark.skipif(not ERA_4_46.is_dir(), reason="transformers 4.46.3 not in .era-cache"),
-    ),
-]
+ERAS = era_params("installed")
 
 
 def run_case(*args: str, era: Path | None) -> dict[str, Any]:

@@ -15,6 +15,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "xla_scripts"
+#: transformers 4.46.3 installed side by side (scripts/era_matrix.py --install-only), for the old era's cases.
+ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
+
+
+def era_params(installed_id: str = "installed") -> list[Any]:
+    """pytest params for the installed transformers (None) and 4.46.3 (skipped where not installed)."""
+    import pytest
+
+    missing = pytest.mark.skipif(not ERA_4_46.is_dir(), reason="transformers 4.46.3 not in .era-cache")
+    return [pytest.param(None, id=installed_id), pytest.param(ERA_4_46, id="4.46.3", marks=missing)]
 
 
 def run_script(

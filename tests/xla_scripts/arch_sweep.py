@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 import transformers
-from common import (
+
+from tests.xla_scripts.common import (
     LLAMA_FIELDS,
     PAD,
     VOCAB,

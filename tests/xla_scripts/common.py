@@ -26,50 +26,61 @@ LLAMA_FIELDS: dict[str, Any] = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-FALLBACK_PREFIX = "generate falls back"
-FAST_PREFIX = "fast path:"
 
 
-def took(records: Iterable[logging.LogRecord]) -> list[str]:
-    """Per ``generate`` call, in order: ``"fast"`` or ``"fallback"``, read from the fast path's debug lines.
-
-    The one place the scripts parse log prefixes to tell the two apart.
-    """
-    lines = [r.getMessage() for r in records if r.name == "xla_cache_patch.fastgen"]
-    return [
-        "fast" if line.startswith(FAST_PREFIX) else "fallback"
-        for line in lines
-        if line.startswith((FAST_PREFIX, FALLBACK_PREFIX))
-    ]
+def took(decisions: Iterable[Any]) -> list[str]:
+    """Per ``generate`` call, in order: ``"fast"`` or ``"fallback"``, from the fast path's decision records
+    (``xla_cache_patch.fastgen.recorded``)."""
+    return ["fast" if decision.fast else "fallback" for decision in decisions]
 
 
 class DeclinedFastPath(Exception):
-    """Raised from the log handler when a call that must take the fast path is declined."""
+    """Raised when a call that must take the fast path is declined, before transformers' generate runs."""
+
+
+class Decisions(list):
+    """The decision records of this thread's ``generate`` calls; with ``abort_on_fallback`` set, a fallback
+    raises :class:`DeclinedFastPath` as it is recorded, before transformers' generate runs: stock generate
+    on XLA compiles a graph per step (55 for 16 tokens), near what XLA:CPU survives in one process."""
+
+    abort_on_fallback = False
+
+    def append(self, decision: Any) -> None:
+        super().append(decision)
+        if self.abort_on_fallback and not decision.fast:
+            raise DeclinedFastPath(decision.message)
 
 
 class Records(logging.Handler):
-    """Every record of the ``xla_cache_patch`` loggers: the fast path's debug lines and the warnings.
-
-    With ``abort_on_fallback`` set, the fallback's log line raises :class:`DeclinedFastPath` before
-    transformers' generate runs: stock generate on XLA compiles a graph per step (55 for 16 tokens), which
-    is near what XLA:CPU survives in one process.
-    """
+    """Every record of the ``xla_cache_patch`` loggers (the fast path's debug lines and the warnings), and
+    the decision of every ``generate`` call of the main thread."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
-        self.abort_on_fallback = False
+        self.decisions = Decisions()
+
+    @property
+    def abort_on_fallback(self) -> bool:
+        return self.decisions.abort_on_fallback
+
+    @abort_on_fallback.setter
+    def abort_on_fallback(self, value: bool) -> None:
+        self.decisions.abort_on_fallback = value
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-        if self.abort_on_fallback and record.getMessage().startswith(FALLBACK_PREFIX):
-            raise DeclinedFastPath(record.getMessage())
 
     def clear(self) -> None:
         self.records.clear()
+        self.decisions.clear()
 
     def took(self) -> list[str]:
-        return took(self.records)
+        return took(self.decisions)
+
+    def reasons(self) -> list[str]:
+        """Why each call that fell back did (the WARNING's reason)."""
+        return [decision.message for decision in self.decisions if not decision.fast]
 
     def messages(self, logger: str = "xla_cache_patch.fastgen") -> list[str]:
         return [r.getMessage() for r in self.records if r.name == logger]
@@ -86,11 +97,14 @@ class Records(logging.Handler):
 
 
 def listen() -> Records:
-    """A ``Records`` on the ``xla_cache_patch`` loggers, at DEBUG."""
+    """A ``Records`` on the ``xla_cache_patch`` loggers, at DEBUG, recording this thread's decisions."""
+    from xla_cache_patch import fastgen
+
     records = Records()
     logger = logging.getLogger("xla_cache_patch")
     logger.addHandler(records)
     logger.setLevel(logging.DEBUG)
+    fastgen.recorded(into=records.decisions).__enter__()  # for the script's whole run
     return records
 
 

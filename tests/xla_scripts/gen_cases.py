@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch_xla
 import transformers
-from common import PAD, VOCAB, listen, on_xla, pick_eos, prompts, sequences, timed_call
 
 import xla_cache_patch
 import xla_cache_patch.fastgen
+from tests.xla_scripts.common import PAD, VOCAB, listen, on_xla, pick_eos, prompts, sequences, timed_call
 from xla_cache_patch.tools import tiny
 
 RECORDS = listen()
@@ -215,7 +215,7 @@ def case_fallback(args: argparse.Namespace) -> dict[str, Any]:
         out = target.generate(ids.to(device), **{**base, **FALLBACK_OPTIONS[name]})
         results[name] = {
             "took": RECORDS.took(),
-            "reasons": RECORDS.messages(),
+            "reasons": RECORDS.reasons(),
             "match": torch.equal(sequences(out), refs[name]),
         }
         model = target.to("cpu") if name != "cpu_model" else target

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch_xla
 import transformers
-from common import (
+
+import xla_cache_patch
+from tests.xla_scripts.common import (
     LLAMA_FIELDS,
     PAD,
     VOCAB,
@@ -39,8 +41,6 @@ from common import (
     sequences,
     timed_call,
 )
-
-import xla_cache_patch
 
 try:
     from xla_cache_patch.tools import tiny

@@ -21,7 +21,8 @@ import torch_xla
 import transformers
 
 import xla_cache_patch
-from tests.xla_scripts.gen_cases import PAD, RECORDS, build, compiles, on_xla, pick_eos, prompts, sequences
+from tests.xla_scripts.common import PAD, compiles, on_xla, pick_eos, prompts, sequences
+from tests.xla_scripts.gen_cases import RECORDS, build
 
 NEW_TOKENS = 10
 

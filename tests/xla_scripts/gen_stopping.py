@@ -24,15 +24,8 @@ import transformers
 
 import xla_cache_patch
 from tests.xla_scripts.chars import CHARS, tokenizer
-from tests.xla_scripts.gen_cases import (
-    PAD,
-    RECORDS,
-    build,
-    compiles,
-    on_xla,
-    prompts,
-    sequences,
-)
+from tests.xla_scripts.common import PAD, compiles, on_xla, prompts, sequences
+from tests.xla_scripts.gen_cases import RECORDS, build
 from xla_cache_patch import compat
 
 

@@ -86,10 +86,11 @@ _RECORDED: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVa
 
 
 @contextlib.contextmanager
-def recorded() -> Iterator[list[Decision]]:
+def recorded(into: list[Decision] | None = None) -> Iterator[list[Decision]]:
     """Collect the :class:`Decision` of every ``generate`` call this thread makes in the block, in order
-    (a call whose fast path failed part-way records the fallback that answered it)."""
-    decisions: list[Decision] = []
+    (a call whose fast path failed part-way records the fallback that answered it), appended to ``into``
+    (a new list by default). A fallback is recorded before transformers' loop runs."""
+    decisions: list[Decision] = [] if into is None else into
     token = _RECORDED.set(decisions)
     try:
         yield decisions
