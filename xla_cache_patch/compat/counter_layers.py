@@ -20,6 +20,7 @@ from xla_cache_patch.compat._layers import (
     ensure_layer,
     layer_sliding_update,
     layer_write,
+    make_lazy_encdec_cache,
     make_lazy_static_cache,
 )
 from xla_cache_patch.compat._ops import Options, Pair
@@ -73,6 +74,7 @@ ADAPTER = Adapter(
         ),
     ),
     make_static_cache=make_lazy_static_cache,
+    make_encdec_cache=make_lazy_encdec_cache,
     cache_buffers=cache_buffers,
     storage=LAYERS,
     static_sliding=True,

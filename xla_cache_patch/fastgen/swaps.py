@@ -4,7 +4,8 @@ Each swap is entered around the fast path's prefill and decode steps and restore
 returns; nested and concurrent calls share one replacement (the first to enter installs it, the last
 to leave restores it). Nothing outside the fast path's own forwards sees a replacement.
 
-- ``explicit_masks``: transformers >= 4.53's ``masking_utils._ignore_causal_mask_sdpa`` may drop the
+- ``explicit_masks``: transformers >= 4.53's ``masking_utils._ignore_causal_mask_sdpa`` (and 5.x's
+  ``_ignore_bidirectional_mask_sdpa``, for encoders and cross attention) may drop the
   mask after reading the padding mask on the host: on XLA that read is one more compiled graph and a
   sync in every traced step. An explicit mask gives the same attention.
 - ``xla_cpu_dots``: XLA:CPU emits a memory-speed matrix-vector kernel for a dot with one row, and a
@@ -85,11 +86,15 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 _MASKS = Swap("transformers.masking_utils", "_ignore_causal_mask_sdpa", _never_skip)
+# 5.x: the encoder's and the cross-attention's padding mask (encoder-decoder models), same host read.
+_BIDIRECTIONAL_MASKS = Swap("transformers.masking_utils", "_ignore_bidirectional_mask_sdpa", _never_skip)
 _DOTS = Swap("torch.nn.functional", "linear", _linear)
 
 
-def explicit_masks() -> contextlib.AbstractContextManager[None]:
-    return _MASKS.active()
+@contextlib.contextmanager
+def explicit_masks() -> Iterator[None]:
+    with _MASKS.active(), _BIDIRECTIONAL_MASKS.active():
+        yield
 
 
 def xla_cpu_dots(device: torch.device) -> contextlib.AbstractContextManager[None]:
