@@ -54,6 +54,14 @@ def pick_eos(ref: torch.Tensor) -> int:
     return min(candidates)[2]
 
 
+def _stopped(row: list[int], eos: int, pad: int) -> bool:
+    """Did the row produce eos before its last slot, and only padding after it?"""
+    if eos not in row[1:-1]:
+        return False
+    at = row.index(eos, 1)
+    return all(token == pad for token in row[at + 1 :])
+
+
 def _base(model: Any, new_tokens: int) -> dict[str, Any]:
     return dict(max_new_tokens=new_tokens, cache_implementation="static", do_sample=False)
 
@@ -69,6 +77,7 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
         dict(eos_token_id=eos),
         dict(eos_token_id=eos, repetition_penalty=1.5, no_repeat_ngram_size=2),
         dict(eos_token_id=None, forced_eos_token_id=int(free[1, 3]), min_new_tokens=2),
+        dict(eos_token_id=eos, forced_bos_token_id=int(free[0, 3])),  # mBART's target language token
     ]
     refs = [model.generate(ids, attention_mask=mask, **base, **extra) for extra in options]
     xla_cache_patch.apply()
@@ -92,7 +101,7 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "took": RECORDS.took(),
         "results": results,
-        "eos_padded": bool((refs[0] == eos).any(dim=1).any()) and refs[0].shape[1] < free.shape[1],
+        "rows_stopped": [_stopped(row, eos, model.config.pad_token_id) for row in refs[0].tolist()],
     }
 
 
@@ -189,7 +198,30 @@ def case_fallback(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-CASES = {"greedy": case_greedy, "compiles": case_compiles, "sample": case_sample, "fallback": case_fallback}
+def case_era(args: argparse.Namespace) -> dict[str, Any]:
+    """One short call on an era without the encoder-decoder fast path: it falls back, with its reason."""
+    model = tiny.tiny_seq2seq(args.model)
+    ids, mask = inputs(model)
+    kw = dict(max_new_tokens=3, cache_implementation="static", do_sample=False, eos_token_id=None)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), **kw)
+    return {
+        "took": RECORDS.took(),
+        "match": torch.equal(sequences(out), ref),
+        "reason": [line for line in RECORDS.lines if "falls back" in line][:1],
+    }
+
+
+CASES = {
+    "era": case_era,
+    "greedy": case_greedy,
+    "compiles": case_compiles,
+    "sample": case_sample,
+    "fallback": case_fallback,
+}
 
 
 def main() -> None:
