@@ -77,6 +77,15 @@ def test_sampling_is_seeded(model: str) -> None:
 
 @pytest.mark.xla
 @pytest.mark.slow
+def test_return_dict_with_scores() -> None:
+    result = run_case("scores", "--model", "t5")
+    assert result["took"] == ["fast"]
+    assert result["type"] == result["ref_type"] == "GenerateEncoderDecoderOutput"
+    assert result["match"] and result["scores_close"] and result["steps"] == 6
+
+
+@pytest.mark.xla
+@pytest.mark.slow
 def test_whisper_falls_back_with_its_reason() -> None:
     result = run_case("fallback")
     assert result["took"] == ["fallback"] and result["match"]
@@ -127,3 +136,14 @@ def test_cache_parts_of_an_encoder_decoder_cache() -> None:
     pair = SimpleNamespace(self_attention_cache="self", cross_attention_cache="cross")
     assert cache_parts(pair) == ["self", "cross"]
     assert cache_parts("plain") == ["plain"]
+
+
+def test_t5_small_preset_has_the_published_shapes() -> None:
+    from xla_cache_patch.tools import tiny
+
+    model = tiny.load_model("t5-small")
+    config = model.config
+    assert type(model).__name__ == "T5ForConditionalGeneration" and config.is_encoder_decoder
+    assert (config.d_model, config.num_layers, config.num_decoder_layers) == (512, 6, 6)
+    assert (config.num_heads, config.d_ff, config.vocab_size) == (8, 2048, 32128)
+    assert sum(p.numel() for p in model.parameters()) == 60_506_624  # t5-small's count

@@ -198,6 +198,29 @@ def case_fallback(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def case_scores(args: argparse.Namespace) -> dict[str, Any]:
+    """return_dict_in_generate with scores: transformers' output class, sequences and every step's scores."""
+    model = tiny.tiny_seq2seq(args.model)
+    ids, mask = inputs(model)
+    kw = dict(**_base(model, 6), eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(ids, attention_mask=mask, **kw, repetition_penalty=1.3)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), **kw, repetition_penalty=1.3)
+    close = len(out.scores) == len(ref.scores) and all(
+        torch.allclose(x.cpu(), y, atol=1e-4, rtol=1e-4) for x, y in zip(out.scores, ref.scores, strict=True)
+    )
+    return {
+        "took": RECORDS.took(),
+        "type": type(out).__name__,
+        "ref_type": type(ref).__name__,
+        "match": torch.equal(sequences(out), ref.sequences),
+        "scores_close": close,
+        "steps": len(out.scores),
+    }
+
+
 def case_era(args: argparse.Namespace) -> dict[str, Any]:
     """One short call on an era without the encoder-decoder fast path: it falls back, with its reason."""
     model = tiny.tiny_seq2seq(args.model)
@@ -217,6 +240,7 @@ def case_era(args: argparse.Namespace) -> dict[str, Any]:
 
 CASES = {
     "era": case_era,
+    "scores": case_scores,
     "greedy": case_greedy,
     "compiles": case_compiles,
     "sample": case_sample,
