@@ -100,6 +100,11 @@ class Adapter:
     static_sliding: bool = False
     # How its caches hold their state (compat._storage.LISTS / LAYERS); None: only what cache_buffers says.
     storage: Any = None
+    # (config, max_cache_len, encoder_len, *, batch_size, device, dtype) -> an EncoderDecoderCache of two
+    # static caches (self attention, cross attention of encoder_len slots). None: this era's
+    # encoder-decoder models fall back (the reason is ``encdec_reason``).
+    make_encdec_cache: Callable[..., Any] | None = None
+    encdec_reason: str = "its encoder-decoder static cache is not covered by the fast path yet"
     notes: str = ""
 
     def targets_for(self, mode: str) -> tuple[Target, ...]:
@@ -125,10 +130,10 @@ class Adapter:
         """Every device tensor the cache holds (buffers and device counters): what a decode step may
         read and write, in a stable order."""
         if self.storage is None:
-            return list(self.cache_buffers(cache))
+            return [t for part in cache_parts(cache) for t in self.cache_buffers(part)]
         from xla_cache_patch.compat._storage import device_tensors
 
-        return device_tensors(self.storage.owners(cache))
+        return device_tensors([o for part in cache_parts(cache) for o in self.storage.owners(part)])
 
     def cache_numbers(self, cache: Any) -> tuple[tuple[str, Any], ...]:
         """The cache's Python numbers (a step that changes one cannot be replayed)."""
@@ -136,7 +141,7 @@ class Adapter:
             return ()
         from xla_cache_patch.compat._storage import python_numbers
 
-        return python_numbers(self.storage.owners(cache))
+        return python_numbers([o for part in cache_parts(cache) for o in self.storage.owners(part)])
 
     def cache_windows(self, cache: Any) -> list[int]:
         """Sizes of the cache's sliding-window layers whose content rolls (and so cannot be shifted)."""
@@ -162,6 +167,12 @@ class Adapter:
         return parsed is not None and SpecifierSet(self.versions).contains(
             Version(parsed.base_version), prereleases=True
         )
+
+
+def cache_parts(cache: Any) -> list[Any]:
+    """The static caches of an ``EncoderDecoderCache`` (self attention, cross attention), else the cache."""
+    parts = [getattr(cache, name, None) for name in ("self_attention_cache", "cross_attention_cache")]
+    return parts if all(part is not None for part in parts) else [cache]
 
 
 def cache_kwarg(model: Any) -> str:

@@ -39,6 +39,26 @@ def make_lazy_static_cache(
     return StaticCache(config=config, max_cache_len=max_cache_len)
 
 
+def make_lazy_encdec_cache(
+    config: Any,
+    max_cache_len: int,
+    encoder_len: int,
+    *,
+    batch_size: int = 1,
+    device: Any = None,
+    dtype: Any = None,
+) -> Any:
+    """4.56+: what ``generate`` builds for ``cache_implementation='static'``: the cross-attention cache has
+    exactly the encoder's length (its keys meet the encoder mask), filled once at the first decoder step
+    (the layers set ``is_updated``, then read it back)."""
+    from transformers import EncoderDecoderCache
+
+    decoder = config.get_text_config(decoder=True)
+    return EncoderDecoderCache(
+        make_lazy_static_cache(decoder, max_cache_len), make_lazy_static_cache(decoder, encoder_len)
+    )
+
+
 def cache_buffers(cache: Any) -> list[torch.Tensor]:
     """K and V of every allocated layer (lazy layers not written yet have none)."""
     return [

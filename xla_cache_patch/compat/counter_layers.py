@@ -56,6 +56,7 @@ ADAPTER = Adapter(
         ),
     ),
     make_static_cache=layers.make_lazy_static_cache,
+    make_encdec_cache=layers.make_lazy_encdec_cache,
     cache_buffers=layers.cache_buffers,
     storage=LAYERS,
     static_sliding=True,

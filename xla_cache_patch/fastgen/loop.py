@@ -21,6 +21,7 @@ import torch
 import torch_xla
 
 from xla_cache_patch import compat
+from xla_cache_patch.fastgen import encdec
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
@@ -99,6 +100,7 @@ class _Constants:
     ints: torch.Tensor  # [2] int64: pad id, slot of the history's first token (F - L)
     eos: torch.Tensor | None  # [E] eos ids (None: no eos)
     bank: DeviceBank  # the logits processors' parameters
+    encoded: encdec.Encoded | None = None  # encoder-decoder models: the encoder's output for this call
 
     @property
     def pad(self) -> torch.Tensor:
@@ -117,9 +119,17 @@ def _forward(
     mask: torch.Tensor,
     positions: torch.Tensor,
     slots: torch.Tensor,
+    encoded: encdec.Encoded | None = None,
 ) -> torch.Tensor:
-    """One forward; returns the float32 logits of the last position, [B, V]."""
+    """One forward; returns the float32 logits of the last position, [B, V].
+
+    With ``encoded`` (an encoder-decoder model) ``ids`` and ``mask`` are the decoder's, over the encoder's
+    output; its positions are the cache slots (the decoder is never padded), so ``positions`` is unused.
+    """
     spec = plan.spec
+    if encoded is not None:
+        kwargs = encdec.forward_kwargs(spec, encoded, cache, ids, mask, slots)
+        return model(**kwargs).logits[:, -1, :].float()
     kwargs: dict[str, Any] = {
         "input_ids": ids,
         "attention_mask": mask,
@@ -232,7 +242,9 @@ def _prefill(
         stopped_at=torch.full((batch,), -1, dtype=torch.int64).to(device) if tracks else None,
     )
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
-    logits = _forward(model, plan, cache, ids.to(device), state.mask, positions.to(device), slots)
+    logits = _forward(
+        model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded
+    )
     scores, tokens = _choose(logits, state.out, state.slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
     alive = _device_stops(tokens, state.slot, state, plan, alive)
@@ -245,7 +257,7 @@ def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constant
     """Trace one decode step: feed the last token at `slot`, write the next one at `slot + 1`."""
     ones = torch.ones_like(state.token)
     state.mask = state.mask.index_copy(1, state.slot, ones)
-    logits = _forward(model, plan, cache, state.token, state.mask, state.position, state.slot)
+    logits = _forward(model, plan, cache, state.token, state.mask, state.position, state.slot, consts.encoded)
     produced_slot = state.slot + 1
     scores, tokens = _choose(logits, state.out, produced_slot, plan, consts)
     tokens, alive = _finish(tokens, state, consts)
@@ -277,11 +289,16 @@ def run(model: Any, plan: Plan) -> Any:
     batch = plan.input_ids.shape[0]
     adapter = compat.current()
     cache = plan.cache
-    if cache is None:
+    if plan.encoder is not None:  # its encoder runs once, here; the decoder is the loop's
+        cache = encdec.make_cache(adapter, model, plan.cache_len, plan.encoder, device)
+    elif cache is None:
         cache = adapter.make_static_cache(
             model.config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
         )
     consts = _constants(plan, device)
+    if plan.encoder is not None:
+        with torch.no_grad(), explicit_masks(), xla_cpu_dots(device):
+            consts.encoded = encdec.encode(model, plan.encoder, device)
     collected = _Collected()
     if plan.do_sample:
         _seed_xla_rng(device)
@@ -331,7 +348,8 @@ def run(model: Any, plan: Plan) -> Any:
         replay.replayed,
         produced,
     )
-    if plan.cache is not None or plan.return_dict:  # the cache reaches the user: make it continuable
+    # the cache reaches the user: make it continuable (an encoder-decoder cache is returned as it is)
+    if plan.encoder is None and (plan.cache is not None or plan.return_dict):
         _settle(adapter, cache, plan, produced, device)
     return _outputs(plan, state, cache, produced, collected, new_tokens)
 
@@ -395,7 +413,9 @@ def _outputs(
     sequences = torch.cat([plan.input_ids, new_tokens], dim=1).to(plan.out_device)
     if not plan.return_dict:
         return sequences
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
+    from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerateEncoderDecoderOutput
+
+    output_cls = GenerateDecoderOnlyOutput if plan.encoder is None else GenerateEncoderDecoderOutput
 
     def steps_of(name: str) -> tuple[torch.Tensor, ...] | None:
         values = getattr(collected, name)[:produced]
@@ -403,11 +423,11 @@ def _outputs(
             return None
         return tuple(v.to(plan.out_device) if plan.out_device.type != "xla" else v for v in values)
 
-    names = {f.name for f in fields(GenerateDecoderOnlyOutput)}
+    names = {f.name for f in fields(output_cls)}
     result: dict[str, Any] = {
         "sequences": sequences,
         "scores": steps_of("scores"),
         "logits": steps_of("logits"),
     }
     result["cache" if "cache" in names else "past_key_values"] = cache
-    return GenerateDecoderOnlyOutput(**{k: v for k, v in result.items() if k in names})
+    return output_cls(**{k: v for k, v in result.items() if k in names})

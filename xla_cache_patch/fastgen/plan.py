@@ -142,6 +142,7 @@ class ForwardSpec:
     cache_kwarg: str  # "past_key_values" (<= 5.23) or "cache" (5.24)
     cache_position: bool  # the forward takes cache_position (removed in 5.x)
     logits_kwarg: str | None  # "logits_to_keep" / "num_logits_to_keep" / absent
+    encoder_decoder: bool = False  # takes encoder_outputs / decoder_input_ids (fastgen.encdec)
 
 
 @dataclass
@@ -173,6 +174,9 @@ class Plan:
     max_time: float | None = None  # seconds: transformers' MaxTimeCriteria, run on the host
     stop_strings: Any | None = None  # a transformers StopStringCriteria, run on the device in the step
     streamer: Any | None = None  # batch 1: put() the prompt, then the new tokens at each check point
+    # Encoder-decoder models: the encoder's inputs; input_ids / attention_mask are then the decoder's
+    # (its start token, [B, 1]), and the prompt bucket is 1 (fastgen.encdec).
+    encoder: Any | None = None
 
     @property
     def first_slot(self) -> int:
@@ -212,14 +216,16 @@ def pop_own_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Options]:
 
 
 @cache
-def forward_spec(model_cls: type) -> ForwardSpec | None:
+def forward_spec(model_cls: type, encoder_decoder: bool = False) -> ForwardSpec | None:
     params = inspect.signature(model_cls.forward).parameters
     needed = ("input_ids", "attention_mask", "position_ids")
+    if encoder_decoder:
+        needed = ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "encoder_outputs")
     cache_kwarg = compat.cache_kwarg(model_cls)
     if cache_kwarg not in params or not all(name in params for name in needed):
         return None
     logits_kwarg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
-    return ForwardSpec(cache_kwarg, "cache_position" in params, logits_kwarg)
+    return ForwardSpec(cache_kwarg, "cache_position" in params, logits_kwarg, encoder_decoder)
 
 
 def _spmd() -> bool:
@@ -242,9 +248,14 @@ def _check_model(model: Any) -> ForwardSpec:
         raise Fallback(f"model parameters are not on an XLA device ({where})", on_xla=False)
     config = getattr(model, "config", None)
     _require(config is not None, "the model has no config")
-    _require(not getattr(config, "is_encoder_decoder", False), "encoder-decoder models are not supported")
-    get_text_config = getattr(config, "get_text_config", None)
-    _require(get_text_config is None or get_text_config() is config, "multimodal models are not supported")
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder:
+        _check_encoder_decoder(model)
+    else:
+        get_text_config = getattr(config, "get_text_config", None)
+        _require(
+            get_text_config is None or get_text_config() is config, "multimodal models are not supported"
+        )
     _require(
         getattr(model, "main_input_name", "input_ids") == "input_ids", "the model does not take input_ids"
     )
@@ -253,9 +264,38 @@ def _check_model(model: Any) -> ForwardSpec:
     _require(not device_map or len(set(device_map.values())) <= 1, "the model is split across devices")
     supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
     _require(supports_cache is None or supports_cache(), "the model does not use transformers' Cache classes")
-    spec = forward_spec(type(model))
+    spec = forward_spec(type(model), encoder_decoder)
     _require(spec is not None, "the forward does not take input_ids/attention_mask/position_ids and a cache")
     return spec  # type: ignore[return-value]
+
+
+def _check_encoder_decoder(model: Any) -> None:
+    """T5/BART-style models: a text encoder, a decoder with cross attention, and transformers' own loop."""
+    from xla_cache_patch.fastgen import encdec
+
+    model_type = getattr(model.config, "model_type", None)
+    own = encdec.OWN_GENERATE.get(model_type)
+    _require(
+        own is None,
+        f"{type(model).__name__}: {own}",
+        f"own-generate:{model_type}",
+        "Nothing to do: transformers' generate runs it (one graph per step).",
+    )
+    from transformers import GenerationMixin
+
+    _require(
+        type(model).generate is GenerationMixin.generate,
+        f"{type(model).__name__} overrides generate",
+        f"own-generate:{type(model).__name__}",
+        "Nothing to do: transformers' generate runs it (one graph per step).",
+    )
+    adapter = compat.current()
+    _require(
+        adapter.make_encdec_cache is not None,
+        f"encoder-decoder model on transformers era {adapter.name}: {adapter.encdec_reason}",
+        f"encoder-decoder-era:{adapter.name}",
+        "Upgrade transformers to 5.4 or newer for encoder-decoder models on the fast path.",
+    )
 
 
 def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -408,8 +448,17 @@ def _input_ids(inputs: Any) -> torch.Tensor:
     return inputs
 
 
-def _attention_mask(model_kwargs: dict[str, Any], ids: torch.Tensor, eos: tuple[int, ...], pad: int | None):
-    """The user's mask, or the one transformers infers from pad tokens; always [B, L] int64 on CPU."""
+def _attention_mask(
+    model_kwargs: dict[str, Any],
+    ids: torch.Tensor,
+    eos: tuple[int, ...],
+    pad: int | None,
+    right_padding: bool = False,
+):
+    """The user's mask, or the one transformers infers from pad tokens; always [B, L] int64 on CPU.
+
+    ``right_padding``: an encoder's input, padded on either side (a decoder-only prompt must end each row).
+    """
     mask = model_kwargs.pop("attention_mask", None)
     if mask is None:
         if pad is not None and pad not in eos and bool((ids == pad).any()):
@@ -422,7 +471,10 @@ def _attention_mask(model_kwargs: dict[str, Any], ids: torch.Tensor, eos: tuple[
     )
     mask = mask.to("cpu", torch.int64)
     _require(bool(((mask == 0) | (mask == 1)).all()), "attention_mask must hold 0/1")
-    _require(bool(mask[:, -1].all()), "right-padded prompt (pad on the left for decoder-only generation)")
+    _require(
+        right_padding or bool(mask[:, -1].all()),
+        "right-padded prompt (pad on the left for decoder-only generation)",
+    )
     return mask
 
 
@@ -574,9 +626,16 @@ def _stop_strings(config: Any, tokenizer: Any, eos: tuple[int, ...]) -> Any | No
     return criteria
 
 
-def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch.Tensor) -> tuple[int, Any]:
+def _lengths(
+    model: Any,
+    config: Any,
+    has_default: tuple[bool, bool],
+    ids: torch.Tensor,
+    inputs_tensor: torch.Tensor | None = None,
+) -> tuple[int, Any]:
     """max_new_tokens exactly as transformers derives it for this era, and the config with its final
-    max_length (forced_eos_token_id reads it)."""
+    max_length (forced_eos_token_id reads it). Encoder-decoder: ``ids`` are the decoder's, ``inputs_tensor``
+    the encoder's."""
     length = ids.shape[1]
     config = model._prepare_generated_length(
         generation_config=config,
@@ -584,7 +643,7 @@ def _lengths(model: Any, config: Any, has_default: tuple[bool, bool], ids: torch
         has_default_min_length=has_default[1],
         model_input_name="input_ids",
         input_ids_length=length,
-        inputs_tensor=ids,
+        inputs_tensor=ids if inputs_tensor is None else inputs_tensor,
     )
     max_new = int(config.max_length) - length
     _require(max_new >= 1, f"max_length {config.max_length} leaves no room after {length} prompt tokens")
@@ -616,15 +675,27 @@ def plan_request(
     _check_options(config)
     eos, pad = _special_tokens(config)
     cpu_ids = ids.to("cpu", torch.int64)
-    mask = _attention_mask(model_kwargs, cpu_ids, eos, pad)
+    mask = _attention_mask(model_kwargs, cpu_ids, eos, pad, right_padding=spec.encoder_decoder)
     cpu_ids, mask = _expand(config, cpu_ids, mask)
+    encoder = None
+    if spec.encoder_decoder:
+        encoder = _encoder_inputs(model, config, cpu_ids, mask, pad)
+        cpu_ids, mask = encoder.decoder_ids(), torch.ones((cpu_ids.shape[0], 1), dtype=torch.int64)
     cache = _user_cache(model, model_kwargs, config, policy)
+    _require(
+        encoder is None or cache is None,
+        "a cache object with an encoder-decoder model",
+        "encoder-decoder-cache",
+        "Pass cache_implementation='static' (the fast path builds the EncoderDecoderCache), no cache object.",
+    )
     model_kwargs.pop("use_cache", None)
     leftover = sorted(
         name for name, value in model_kwargs.items() if value is not None and value is not False
     )
     _require(not leftover, f"model kwargs not supported: {leftover}")
-    max_new, config = _lengths(model, config, tuple(has_default), cpu_ids)
+    max_new, config = _lengths(
+        model, config, tuple(has_default), cpu_ids, None if encoder is None else encoder.ids
+    )
     logits = _pipeline(model, config, cpu_ids, mask)
     stop_strings = _stop_strings(config, hooks.tokenizer, eos)
     held = 0
@@ -634,6 +705,8 @@ def plan_request(
         if held:
             _check_continuation(cache, held, cpu_ids.shape[1])
     bucket, cache_len = _layout(cpu_ids.shape[1] - held, max_new, cache, held)
+    if encoder is not None:  # the decoder starts from one token: never padded (its positions are slots)
+        bucket = 1
     return Plan(
         input_ids=cpu_ids,
         attention_mask=mask,
@@ -658,4 +731,19 @@ def plan_request(
         max_time=None if getattr(config, "max_time", None) is None else float(config.max_time),
         stop_strings=stop_strings,
         streamer=hooks.streamer,
+        encoder=encoder,
     )
+
+
+def _encoder_inputs(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int | None) -> Any:
+    from xla_cache_patch.fastgen import encdec
+
+    _require(pad is not None, "an encoder-decoder model without pad_token_id or eos_token_id")
+    start = encdec.decoder_start(model, config)
+    _require(
+        start is not None,
+        "no single decoder_start_token_id (or bos_token_id) to start the decoder from",
+        "decoder_start_token_id",
+        "Set generation_config.decoder_start_token_id to one token id.",
+    )
+    return encdec.EncoderInputs.pad(ids, mask, pad, start)

@@ -4,7 +4,8 @@ Each swap is entered around the fast path's prefill and decode steps and left wh
 What the replacement sees is per thread (per context): another thread that runs a model meanwhile, on
 any device, gets the original's behaviour. Nested and concurrent fast-path calls each see their own.
 
-- ``explicit_masks``: transformers >= 4.53's ``masking_utils._ignore_causal_mask_sdpa`` may drop the
+- ``explicit_masks``: transformers >= 4.53's ``masking_utils._ignore_causal_mask_sdpa`` (and 5.x's
+  ``_ignore_bidirectional_mask_sdpa``, for encoders and cross attention) may drop the
   mask after reading the padding mask on the host: on XLA that read is one more compiled graph and a
   sync in every traced step. An explicit mask gives the same attention. The module attribute holds a
   dispatcher while any fast-path call runs (a ``Swap``); it answers "never skip" only in a context
@@ -131,10 +132,14 @@ class SmallRowDots(TorchFunctionMode):
 
 
 _MASKS = Swap("transformers.masking_utils", "_ignore_causal_mask_sdpa", _never_skip)
+# 5.x: the encoder's and the cross-attention's padding mask (encoder-decoder models), same host read.
+_BIDIRECTIONAL_MASKS = Swap("transformers.masking_utils", "_ignore_bidirectional_mask_sdpa", _never_skip)
 
 
-def explicit_masks() -> contextlib.AbstractContextManager[None]:
-    return _MASKS.active()
+@contextlib.contextmanager
+def explicit_masks() -> Iterator[None]:
+    with _MASKS.active(), _BIDIRECTIONAL_MASKS.active():
+        yield
 
 
 def xla_cpu_dots(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -97,16 +97,106 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+#: Encoder-decoder presets (built with AutoModelForSeq2SeqLM): the published config of google-t5/t5-small.
+SEQ2SEQ_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "t5-small": (
+        "t5",
+        dict(
+            vocab_size=32128,
+            d_model=512,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=6,
+            num_decoder_layers=6,
+            num_heads=8,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="relu",
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+    ),
+}
+
+
 def preset_model(name: str, seed: int = DEFAULT_SEED) -> Any:
     """A random-weight model with the shapes of a published checkpoint (see PRESETS), in eval mode."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    if name in SEQ2SEQ_PRESETS:
+        model_type, fields = SEQ2SEQ_PRESETS[name]
+        torch.manual_seed(seed)
+        return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join([*PRESETS, *SEQ2SEQ_PRESETS])}")
     model_type, fields = PRESETS[name]
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
+
+
+#: Tiny encoder-decoder configs (random weights): T5 v1.0 (ReLU FFN, tied embeddings), T5 v1.1 / Flan
+#: (gated GELU, untied), BART, Marian and mBART. Token ids: pad 1 (T5: 0), eos 2 (T5: 1). The BART family
+#: is untied: with transformers' small initialisation a tied tiny model repeats its last token forever.
+TINY_SEQ2SEQ: dict[str, tuple[str, dict[str, Any]]] = {
+    "t5": ("t5", dict(feed_forward_proj="relu", tie_word_embeddings=True)),
+    "t5-v1.1": ("t5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "bart": ("bart", dict(tie_word_embeddings=False)),
+    "marian": ("marian", dict(tie_word_embeddings=False)),
+    "mbart": ("mbart", dict(tie_word_embeddings=False)),
+}
+#: Weight matrices are redrawn with this std: varied tokens (transformers' init gives one token repeated).
+SEQ2SEQ_STD = 0.5
+
+
+def tiny_seq2seq(kind: str = "t5", seed: int = DEFAULT_SEED, vocab: int = DEFAULT_VOCAB) -> Any:
+    """A random-weight tiny encoder-decoder model of ``kind`` (TINY_SEQ2SEQ), 2+2 layers, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    model_type, extra = TINY_SEQ2SEQ[kind]
+    if model_type == "t5":
+        fields: dict[str, Any] = dict(
+            d_model=DEFAULT_HIDDEN,
+            d_kv=16,
+            d_ff=2 * DEFAULT_HIDDEN,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=NUM_HEADS,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    else:
+        fields = dict(
+            d_model=DEFAULT_HIDDEN,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=NUM_HEADS,
+            decoder_attention_heads=NUM_HEADS,
+            encoder_ffn_dim=2 * DEFAULT_HIDDEN,
+            decoder_ffn_dim=2 * DEFAULT_HIDDEN,
+            max_position_embeddings=128,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=2,
+        )
+        if model_type == "marian":
+            fields.update(decoder_start_token_id=1, forced_eos_token_id=None)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, **fields, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * SEQ2SEQ_STD)
+    return model
 
 
 def load_model(name: str | None = None) -> Any:
@@ -114,7 +204,7 @@ def load_model(name: str | None = None) -> Any:
     directory (``local_files_only``: the tools never download), in eval mode."""
     if name is None:
         return tiny_model()
-    if name in PRESETS:
+    if name in PRESETS or name in SEQ2SEQ_PRESETS:
         return preset_model(name)
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,149 @@
+"""Encoder-decoder models (T5 v1.0 / v1.1, BART, Marian, mBART) on the fast path (issue #18).
+
+Each XLA case runs ``tests/xla_scripts/gen_encdec.py`` in a fresh process; the reference is transformers'
+generate on CPU eager with the same random-weight model and inputs, computed there before the patch. The
+planning tests at the bottom need neither torch_xla nor a subprocess.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.xla_run import run_script
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+ERA_4_46 = ROOT / ".era-cache" / "4.46.3"
+MODELS = ["t5", "t5-v1.1", "bart", "marian", "mbart"]
+
+
+def run_case(*args: str, era: Path | None = None) -> dict[str, Any]:
+    pytest.importorskip("torch_xla")
+    return run_script("gen_encdec.py", *args, era=era, timeout=600)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.xla
+@pytest.mark.slow
+def test_greedy_and_processors_match_cpu_generate(model: str) -> None:
+    """A padded batch of 2 with an eos; repetition penalty + no-repeat n-grams; forced eos with a minimum;
+    forced bos: tokens equal to CPU generate. The first call compiles the encoder, the first decoder step
+    (it fills the cross-attention cache) and the decode step; a call with other processors only the two
+    decoder graphs (same encoder bucket)."""
+    result = run_case("greedy", "--model", model)
+    assert result["took"] == ["fast"] * 4
+    for case in result["results"]:
+        assert case["match"], case
+    assert [case["compiles"] for case in result["results"]] == [3, 2, 2, 2]
+    assert any(case["changes_tokens"] for case in result["results"][1:])
+    assert any(result["rows_stopped"])  # the eos stops a row early, padding after it
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_left_padded_encoder_inputs_match() -> None:
+    """BART's learned positions: left padding stays where the user put it, the bucket pads on the right."""
+    result = run_case("greedy", "--model", "bart", "--left")
+    assert result["took"] == ["fast"] * 4
+    assert all(case["match"] for case in result["results"]), result["results"]
+
+
+@pytest.mark.parametrize("model", ["t5", "bart"])
+@pytest.mark.xla
+@pytest.mark.slow
+def test_compiles_per_call_for_8_and_64_new_tokens(model: str) -> None:
+    """8 new tokens: encoder + first decoder step + decode step; 64 (a longer cache, same encoder bucket):
+    the two decoder graphs; new inputs of the same shapes: none."""
+    result = run_case("compiles", "--model", model)
+    assert result["took"] == ["fast"] * 3
+    assert result["match"] == {"8": True, "64": True, "again": True}
+    assert result["compiles"] == {"8": 3, "64": 2, "again": 0}
+
+
+@pytest.mark.parametrize("model", ["t5-v1.1", "marian"])
+@pytest.mark.xla
+@pytest.mark.slow
+def test_sampling_is_seeded(model: str) -> None:
+    result = run_case("sample", "--model", model)
+    assert result["took"] == ["fast"] * 4
+    assert result["reproducible"] and result["seed_changes"] and result["in_vocab"]
+    assert result["differs_from_greedy"] and result["top1_is_greedy"]
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_return_dict_with_scores() -> None:
+    result = run_case("scores", "--model", "t5")
+    assert result["took"] == ["fast"]
+    assert result["type"] == result["ref_type"] == "GenerateEncoderDecoderOutput"
+    assert result["match"] and result["scores_close"] and result["steps"] == 6
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_whisper_falls_back_with_its_reason() -> None:
+    result = run_case("fallback")
+    assert result["took"] == ["fallback"] and result["match"]
+    assert "Whisper has its own generate" in result["reason"][0]
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+@pytest.mark.skipif(not ERA_4_46.is_dir(), reason="transformers 4.46.3 not installed in .era-cache")
+def test_transformers_4_46_falls_back_with_its_reason() -> None:
+    result = run_case("era", "--model", "t5", era=ERA_4_46)
+    assert result["transformers"] == "4.46.3"
+    assert result["took"] == ["fallback"] and result["match"]
+    assert "encoder-decoder model on transformers era index-copy" in result["reason"][0]
+
+
+# --- planning (CPU only) ------------------------------------------------------------------------
+
+
+def test_encoder_inputs_pad_on_the_right_to_the_bucket() -> None:
+    from xla_cache_patch.fastgen.encdec import EncoderInputs
+
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    inputs = EncoderInputs.pad(ids, mask, pad_id=0, decoder_start=2)
+    assert inputs.ids.shape == (2, 16) and inputs.length == 3
+    assert inputs.ids[:, :3].tolist() == ids.tolist() and bool((inputs.ids[:, 3:] == 0).all())
+    assert inputs.mask[:, :3].tolist() == mask.tolist() and bool((inputs.mask[:, 3:] == 0).all())
+    assert inputs.decoder_ids().tolist() == [[2], [2]]
+
+
+def test_decoder_start_as_transformers_resolves_it() -> None:
+    from types import SimpleNamespace
+
+    from xla_cache_patch.fastgen.encdec import decoder_start
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(decoder_start_token_id=None))
+    assert decoder_start(model, SimpleNamespace(decoder_start_token_id=4, bos_token_id=0)) == 4
+    assert decoder_start(model, SimpleNamespace(decoder_start_token_id=None, bos_token_id=7)) == 7
+    assert decoder_start(model, SimpleNamespace(decoder_start_token_id=[1, 2], bos_token_id=0)) is None
+
+
+def test_cache_parts_of_an_encoder_decoder_cache() -> None:
+    from types import SimpleNamespace
+
+    from xla_cache_patch.compat import cache_parts
+
+    pair = SimpleNamespace(self_attention_cache="self", cross_attention_cache="cross")
+    assert cache_parts(pair) == ["self", "cross"]
+    assert cache_parts("plain") == ["plain"]
+
+
+def test_t5_small_preset_has_the_published_shapes() -> None:
+    from xla_cache_patch.tools import tiny
+
+    model = tiny.load_model("t5-small")
+    config = model.config
+    assert type(model).__name__ == "T5ForConditionalGeneration" and config.is_encoder_decoder
+    assert (config.d_model, config.num_layers, config.num_decoder_layers) == (512, 6, 6)
+    assert (config.num_heads, config.d_ff, config.vocab_size) == (8, 2048, 32128)
+    assert sum(p.numel() for p in model.parameters()) == 60_506_624  # t5-small's count

@@ -1,0 +1,117 @@
+"""Encoder-decoder models (T5, BART, Marian, mBART) on the static loop: what differs from decoder-only.
+
+The encoder runs once per call, on the user's inputs padded on the right to a bucket (mask 0: the real
+tokens keep the positions transformers gives them, left padding included), one graph per bucket. The
+decoder is the static loop's: it starts from ``decoder_start_token_id`` (one token, no padding, so its
+positions are the cache slots), with an ``EncoderDecoderCache`` of two static caches built by the era
+adapter. The self-attention cache is written every step; the cross-attention cache (exactly the encoder
+bucket long) is written at the first decoder step, after which the layers' ``is_updated`` flags make them
+read it back: the first step is its own graph (the prefill), every later one the same (replayed).
+Everything here is per call and per row, so beam search can reuse it with the rows expanded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xla_cache_patch import compat
+from xla_cache_patch.fastgen.buckets import prompt_bucket
+
+#: Model types with their own ``generate`` (a different loop), refused with what it would take.
+OWN_GENERATE = {
+    "whisper": "Whisper has its own generate (long-form chunking, timestamps, language detection and "
+    "forced decoder prompts on the host); the fast path would need those as device-side processors",
+}
+
+
+@dataclass
+class EncoderInputs:
+    """The encoder's inputs, right-padded to the bucket (CPU, int64), and the decoder's first token."""
+
+    ids: torch.Tensor  # [B, E] the user's input_ids then pad ids
+    mask: torch.Tensor  # [B, E] the user's mask then zeros
+    length: int  # the user's input length (before the bucket padding)
+    decoder_start: int
+
+    @classmethod
+    def pad(cls, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, decoder_start: int) -> EncoderInputs:
+        batch, length = ids.shape
+        bucket = prompt_bucket(length)
+        padded = torch.full((batch, bucket), pad_id, dtype=torch.int64)
+        padded[:, :length] = ids
+        padded_mask = torch.zeros((batch, bucket), dtype=torch.int64)
+        padded_mask[:, :length] = mask
+        return cls(padded, padded_mask, length, decoder_start)
+
+    def decoder_ids(self) -> torch.Tensor:
+        """[B, 1] what transformers starts the decoder with (and returns first in ``sequences``)."""
+        return torch.full((self.ids.shape[0], 1), self.decoder_start, dtype=torch.int64)
+
+
+@dataclass
+class Encoded:
+    """The encoder's output for this call, on the device (a per-call constant of the decoder steps)."""
+
+    hidden: torch.Tensor  # [B, E, D]
+    mask: torch.Tensor  # [B, E]
+
+
+def decoder_start(model: Any, config: Any) -> int | None:
+    """``decoder_start_token_id`` as transformers resolves it (falls back to bos); None if per row."""
+    value = getattr(config, "decoder_start_token_id", None)
+    if value is None:
+        value = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if value is None:
+        value = getattr(config, "bos_token_id", None)
+    if value is None:
+        return None
+    flat = torch.as_tensor(value).flatten()
+    return int(flat[0]) if flat.numel() == 1 else None
+
+
+def make_cache(
+    adapter: compat.Adapter, model: Any, cache_len: int, inputs: EncoderInputs, device: Any
+) -> Any:
+    """The call's EncoderDecoderCache (the plan only accepts eras that build one)."""
+    assert adapter.make_encdec_cache is not None
+    return adapter.make_encdec_cache(
+        model.config,
+        cache_len,
+        inputs.ids.shape[1],
+        batch_size=inputs.ids.shape[0],
+        device=device,
+        dtype=model.dtype,
+    )
+
+
+def encode(model: Any, inputs: EncoderInputs, device: Any) -> Encoded:
+    """Run the encoder once (its own graph per bucket, executed here)."""
+    import torch_xla
+
+    ids, mask = inputs.ids.to(device), inputs.mask.to(device)
+    hidden = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+    torch_xla.sync()
+    return Encoded(hidden, mask)
+
+
+def forward_kwargs(
+    spec: Any, encoded: Encoded, cache: Any, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor
+) -> dict[str, Any]:
+    """One decoder forward's arguments: the decoder tokens at ``slots``, over the encoder's output."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    kwargs: dict[str, Any] = {
+        "encoder_outputs": BaseModelOutput(last_hidden_state=encoded.hidden),
+        "attention_mask": encoded.mask,
+        "decoder_input_ids": ids,
+        "decoder_attention_mask": mask,
+        spec.cache_kwarg: cache,
+        "use_cache": True,
+        "return_dict": True,
+    }
+    if spec.cache_position:
+        kwargs["cache_position"] = slots
+    return kwargs
