@@ -127,6 +127,13 @@ def case_compiles(args: argparse.Namespace) -> dict[str, Any]:
         per_call.append(compiles() - before)
         took += ["fast" if d.fast else str(d) for d in decisions]
         match.append(_same(got, ref))
+    # sequences only (no scores out, the cache is not settled): its own two graphs
+    plain_kw = {**_kw(4, new, length_penalty=0.6, early_stopping="never"), "return_dict_in_generate": False}
+    ref = refs[0].sequences
+    before = compiles()
+    got = model.generate(xids, attention_mask=xmask, eos_token_id=None, **plain_kw)
+    per_call.append(compiles() - before)
+    match.append({"sequences": torch.equal(got.cpu(), ref)})
     return {"transformers": transformers.__version__, "took": took, "compiles": per_call, "results": match}
 
 
