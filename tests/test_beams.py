@@ -118,6 +118,23 @@ def _pool_with_eos_on_top(best_of_candidates: bool) -> bool:
         lambda scores, _: scores,
         view,
     )
+    if not best_of_candidates:  # the same answer as transformers' own helper (>= 4.50) on this state
+        from transformers import GenerationMixin
+
+        helper = getattr(GenerationMixin, "_check_early_stop_heuristic", None)
+        if helper is not None:
+            theirs = helper(
+                torch.ones((1, 1), dtype=torch.bool),
+                state.running_scores,
+                state.scores,
+                state.finished,
+                cur_len=2,
+                max_length=4,
+                decoder_prompt_len=0,
+                early_stopping=False,
+                length_penalty=1.0,
+            )
+            assert torch.equal(theirs, state.improvable)
     return bool(state.improvable.item())
 
 
