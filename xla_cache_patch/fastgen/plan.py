@@ -58,9 +58,10 @@ _HANDLED = frozenset(
         # stopping: max_time and stop strings are run by the loop (fastgen.stopping)
         "max_time",
         "stop_strings",
-        # beam-search-only, contrastive-only, assistant-only and paged-only knobs: inert here
+        # beam search's own (read by _beams; inert without beams)
         "length_penalty",
         "early_stopping",
+        # beam-search-only, contrastive-only, assistant-only and paged-only knobs: inert here
         "diversity_penalty",
         "low_memory",
         "num_assistant_tokens",
@@ -73,7 +74,8 @@ _HANDLED = frozenset(
         "continuous_batching_config",
     }
 )
-# Values of the other options that leave decoding untouched; anything else falls back.
+# Values of the other options that leave decoding untouched; anything else falls back (num_beams > 1 is
+# checked by _beams instead: beam search).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,),
     "num_beam_groups": (1,),
