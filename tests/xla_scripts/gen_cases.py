@@ -189,7 +189,7 @@ class Halve(transformers.LogitsProcessor):
 
 
 FALLBACK_OPTIONS: dict[str, dict[str, Any]] = {
-    "num_beams": {"num_beams": 2},
+    "num_beams": {"num_beams": 2, "max_time": 600.0},  # beams with a host stop: not on the fast path
     "logits_processor": {"logits_processor": transformers.LogitsProcessorList([Halve()])},
     "encoder_repetition_penalty": {"encoder_repetition_penalty": 1.5},  # no device counterpart
     "cpu_model": {},
@@ -230,14 +230,14 @@ def case_function_form(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.new_tokens, do_sample=False, cache_implementation="static", eos_token_id=None
     )
     ref = model.generate(ids, **kw)
-    ref_beam = model.generate(ids, num_beams=2, **kw)
+    ref_beam = model.generate(ids, num_beams=2, max_time=600.0, **kw)  # beams + max_time: a fallback
     xla_cache_patch.apply(generate=False)
     model = on_xla(model)
     device = torch_xla.device()
     out = xla_cache_patch.generate(model, ids.to(device), **kw)
     took_unwrapped = RECORDS.took()
     xla_cache_patch.apply()  # now generate is wrapped too: the fallback must not go through the wrapper again
-    beam = xla_cache_patch.generate(model, ids.to(device), num_beams=2, **kw)
+    beam = xla_cache_patch.generate(model, ids.to(device), num_beams=2, max_time=600.0, **kw)
     return {
         "match": torch.equal(sequences(out), ref),
         "took_unwrapped": took_unwrapped,

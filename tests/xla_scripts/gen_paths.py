@@ -188,11 +188,13 @@ def case_explicit_optout(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def case_fallback_warns(args: argparse.Namespace) -> dict[str, Any]:
-    """A call the fast path cannot take (beam search): transformers' generate, one warning per process."""
+    """A call the fast path cannot take (beam search with max_time): transformers' generate, one warning
+    per process."""
     model = MODELS[args.model]()
     ids, _ = prompts(1)
     kwargs = dict(
         num_beams=2,
+        max_time=600.0,
         cache_implementation="static",
         max_new_tokens=args.new_tokens,
         do_sample=False,

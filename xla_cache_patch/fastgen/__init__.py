@@ -3,14 +3,15 @@
 transformers' own loop grows ``input_ids`` and the attention mask by ``torch.cat`` every step and syncs on
 the stop flag, so on XLA every step is a graph of a new shape (50+ compilations for 16 tokens). Here a
 call that qualifies (decoder-only model on an XLA device, static cache, greedy or temperature/top-k/top-p
-sampling, eos, left padding) runs a static-shape loop instead (``loop``): one graph per prompt-length
-bucket for the prefill and one for the decode step. A call on an XLA model that asks for no cache
-implementation gets a static cache (the tokens are the dynamic cache's; a dynamic cache on XLA recompiles
-every step). Every other call goes to the original ``generate`` unchanged: for an XLA model one WARNING
-per reason per process says why and what to do; for a model elsewhere (CPU) it is the normal path.
+sampling or beam search, eos, left padding) runs a static-shape loop instead (``loop``): one graph per
+prompt-length bucket for the prefill and one for the decode step. A call on an XLA model that asks for no
+cache implementation gets a static cache (the tokens are the dynamic cache's; a dynamic cache on XLA
+recompiles every step). Every other call goes to the original ``generate`` unchanged: for an XLA model one
+WARNING per reason per process says why and what to do; for a model elsewhere (CPU) it is the normal path.
 
-Modules: ``plan`` decides and prepares a call, ``loop`` runs it, ``replay`` re-runs the compiled decode
-step without re-tracing. Only ``loop`` and ``replay`` import torch_xla, and only when a call runs.
+Modules: ``plan`` decides and prepares a call, ``loop`` runs it (``beams``: its beam-search step),
+``replay`` re-runs the compiled decode step without re-tracing. Only ``loop`` and ``replay`` import
+torch_xla, and only when a call runs.
 """
 
 from __future__ import annotations

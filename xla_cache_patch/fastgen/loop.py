@@ -14,13 +14,14 @@ streamers read the tokens themselves at those check points instead (``fastgen.st
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
 import torch_xla
 
 from xla_cache_patch import compat
+from xla_cache_patch.fastgen import beams as beam_search
 from xla_cache_patch.fastgen import encdec
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
@@ -32,9 +33,16 @@ log = logging.getLogger("xla_cache_patch.fastgen")
 
 
 def _present(values: Any) -> list[torch.Tensor]:
-    """The tensors of a state/outputs dataclass in field order, absent (None) ones left out: the one place
-    the by-name step values become the flat list the replay runs on."""
-    return [v for v in (getattr(values, f.name) for f in fields(values)) if v is not None]
+    """The tensors of a state/outputs dataclass in field order, absent (None) ones left out, nested ones
+    (a strategy's own state) flattened in place: the one place the by-name step values become the flat
+    list the replay runs on."""
+    flat: list[torch.Tensor] = []
+    for value in (getattr(values, f.name) for f in fields(values)):
+        if is_dataclass(value):
+            flat.extend(_present(value))
+        elif value is not None:
+            flat.append(value)
+    return flat
 
 
 @dataclass
@@ -53,6 +61,7 @@ class _State:
     produced: torch.Tensor | None  # [] steps transformers would have run (None: no eos)
     window: torch.Tensor | None = None  # [B, W] the last W tokens, for stop strings (None: none)
     stopped_at: torch.Tensor | None = None  # [B] slot of a row's last token, -1 while running (no eos: None)
+    beams: beam_search.BeamState | None = None  # beam search: its own state (B above is batch x beams)
 
     def tensors(self) -> list[torch.Tensor]:
         """The state in field order (what a replayed step reads and writes, with the cache buffers)."""
@@ -101,6 +110,7 @@ class _Constants:
     eos: torch.Tensor | None  # [E] eos ids (None: no eos)
     bank: DeviceBank  # the logits processors' parameters
     encoded: encdec.Encoded | None = None  # encoder-decoder models: the encoder's output for this call
+    beams: beam_search.BeamConstants | None = None  # beam search: its per-call values
 
     @property
     def pad(self) -> torch.Tensor:
@@ -175,6 +185,36 @@ def _finish(
     return tokens, state.unfinished.max()
 
 
+def _select(
+    logits: torch.Tensor, state: _State, produced_slot: torch.Tensor, plan: Plan, consts: _Constants
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Choose the tokens written at ``produced_slot`` (greedy / sampling, or a beam step); updates
+    ``state``; returns (the scores transformers reports, the "anything left to do?" flag, for beams the
+    row each beam continues, which the cache must follow)."""
+    if plan.beams is not None:
+        assert state.beams is not None and consts.beams is not None
+        view = StepView(history=state.out, slot=produced_slot, first=consts.first)
+        scores, state.out, tokens, origin, alive = beam_search.step(
+            plan.beams,
+            logits,
+            state.out,
+            produced_slot,
+            state.beams,
+            consts.beams,
+            consts.eos,
+            lambda values, v: plan.logits(values, v, consts.bank),
+            view,
+        )
+        state.token = tokens[:, None]
+        return scores, alive, origin
+    scores, tokens = _choose(logits, state.out, produced_slot, plan, consts)
+    tokens, alive = _finish(tokens, state, consts)
+    alive = _device_stops(tokens, produced_slot, state, plan, alive)
+    state.out = state.out.index_copy(1, produced_slot, tokens[:, None])
+    state.token = tokens[:, None]
+    return scores, alive, None
+
+
 def _device_stops(
     tokens: torch.Tensor, slot: torch.Tensor, state: _State, plan: Plan, alive: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -228,7 +268,7 @@ def _prefill(
     user_positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill(plan.attention_mask == 0, 1)
     positions = torch.ones((batch, bucket), dtype=torch.int64)
     positions[:, bucket - chunk :] = user_positions[:, held:]
-    tracks = bool(plan.eos_token_ids)  # rows can finish
+    tracks = bool(plan.eos_token_ids) and plan.beams is None  # rows can finish (beams: the search says)
     window = None if plan.stop_strings is None else initial_window(plan.stop_strings, plan.input_ids)
     state = _State(
         token=torch.zeros((batch, 1), dtype=torch.int64, device=device),
@@ -241,15 +281,15 @@ def _prefill(
         window=None if window is None else window.to(device),
         stopped_at=torch.full((batch,), -1, dtype=torch.int64).to(device) if tracks else None,
     )
+    if plan.beams is not None:
+        groups = batch // plan.beams.num_beams
+        state.beams = beam_search.initial_state(plan.beams, groups, width + 1, plan.max_new_tokens, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
     logits = _forward(
         model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded
     )
-    scores, tokens = _choose(logits, state.out, state.slot, plan, consts)
-    tokens, alive = _finish(tokens, state, consts)
-    alive = _device_stops(tokens, state.slot, state, plan, alive)
-    state.out = state.out.index_copy(1, state.slot, tokens[:, None])
-    state.token = tokens[:, None]
+    # beams: every beam of a prompt holds the same prompt, so the cache needs no reorder yet
+    scores, alive, _ = _select(logits, state, state.slot, plan, consts)
     return state, _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)
 
 
@@ -259,11 +299,9 @@ def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constant
     state.mask = state.mask.index_copy(1, state.slot, ones)
     logits = _forward(model, plan, cache, state.token, state.mask, state.position, state.slot, consts.encoded)
     produced_slot = state.slot + 1
-    scores, tokens = _choose(logits, state.out, produced_slot, plan, consts)
-    tokens, alive = _finish(tokens, state, consts)
-    alive = _device_stops(tokens, produced_slot, state, plan, alive)
-    state.out = state.out.index_copy(1, produced_slot, tokens[:, None])
-    state.token = tokens[:, None]
+    scores, alive, origin = _select(logits, state, produced_slot, plan, consts)
+    if origin is not None:  # beams: the KV rows follow their beams, in place, in this graph
+        beam_search.reorder_cache(compat.current().cache_buffers(cache), origin)
     state.position = state.position + 1
     state.slot = produced_slot
     return _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)
@@ -273,7 +311,10 @@ def _constants(plan: Plan, device: torch.device) -> _Constants:
     eos = torch.tensor(plan.eos_token_ids, dtype=torch.int64).to(device) if plan.eos_token_ids else None
     first = plan.first_slot - plan.input_ids.shape[1]
     ints = torch.tensor([plan.pad_token_id, first], dtype=torch.int64)
-    return _Constants(ints=ints.to(device), eos=eos, bank=plan.logits.bank.upload(device))
+    beams = None
+    if plan.beams is not None:
+        beams = beam_search.constants(plan.beams, plan.first_slot, plan.max_new_tokens, device)
+    return _Constants(ints=ints.to(device), eos=eos, bank=plan.logits.bank.upload(device), beams=beams)
 
 
 def _seed_xla_rng(device: torch.device) -> None:
@@ -340,6 +381,8 @@ def run(model: Any, plan: Plan) -> Any:
         host.advance(state.out, state.stopped_at, steps, scores)
         new_tokens = host.finish()
         produced = new_tokens.shape[1]
+    elif state.beams is not None:
+        produced = int(state.beams.ran.item())  # steps transformers' search runs (scores kept)
     else:
         produced = steps if state.produced is None else int(state.produced.item())
     log.debug(
@@ -407,6 +450,8 @@ def _outputs(
     new_tokens: torch.Tensor | None = None,
 ) -> Any:
     """What generate returns; ``new_tokens`` are the host's (host stops), else read from the device."""
+    if plan.beams is not None:
+        return _beam_outputs(plan, state, cache, produced, collected)
     if new_tokens is None:
         start = plan.first_slot
         new_tokens = state.out.cpu()[:, start : start + produced]
@@ -431,3 +476,38 @@ def _outputs(
     }
     result["cache" if "cache" in names else "past_key_values"] = cache
     return output_cls(**{k: v for k, v in result.items() if k in names})
+
+
+def _beam_outputs(plan: Plan, state: _State, cache: Any, produced: int, collected: _Collected) -> Any:
+    """What generate returns after a beam search: the best hypotheses, as this era's transformers has them."""
+    assert plan.beams is not None and state.beams is not None
+    best = beam_search.finalize(plan.beams, state.beams, plan.first_slot, plan.eos_token_ids)
+    k, count = plan.beams.num_beams, plan.beams.num_return
+    prompts = plan.input_ids[::k].repeat_interleave(count, dim=0)
+    sequences = torch.cat([prompts, best["tokens"]], dim=1).to(plan.out_device)
+    if not plan.return_dict:
+        return sequences
+    from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+
+    indices = best["indices"]
+    if plan.beams.best_of_candidates:  # BeamSearchScorer: one column per sequence slot, int64
+        width = sequences.shape[1]
+        indices = torch.cat([indices, indices.new_full((indices.shape[0], width - indices.shape[1]), -1)], 1)
+    else:
+        indices = indices.to(torch.int32)
+    tracked = plan.output_scores or not plan.beams.best_of_candidates  # < 4.50 tracks them with scores
+
+    def steps_of(name: str) -> tuple[torch.Tensor, ...] | None:
+        values = getattr(collected, name)[:produced]
+        return tuple(v.to(plan.out_device) for v in values) if values else None
+
+    names = {f.name for f in fields(GenerateBeamDecoderOnlyOutput)}
+    result: dict[str, Any] = {
+        "sequences": sequences,
+        "sequences_scores": best["scores"].to(plan.out_device) if plan.output_scores else None,
+        "scores": steps_of("scores"),
+        "logits": steps_of("logits"),
+        "beam_indices": indices.to(plan.out_device) if tracked else None,
+    }
+    result["cache" if "cache" in names else "past_key_values"] = cache
+    return GenerateBeamDecoderOnlyOutput(**{k: v for k, v in result.items() if k in names})

@@ -23,6 +23,7 @@ import torch
 
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen import processors
+from xla_cache_patch.fastgen.beams import Beams
 from xla_cache_patch.fastgen.buckets import buckets, prompt_bucket
 
 EOS_CHECK_KWARG = "xla_eos_check_every"
@@ -57,9 +58,10 @@ _HANDLED = frozenset(
         # stopping: max_time and stop strings are run by the loop (fastgen.stopping)
         "max_time",
         "stop_strings",
-        # beam-search-only, contrastive-only, assistant-only and paged-only knobs: inert here
+        # beam search's own (read by _beams; inert without beams)
         "length_penalty",
         "early_stopping",
+        # beam-search-only, contrastive-only, assistant-only and paged-only knobs: inert here
         "diversity_penalty",
         "low_memory",
         "num_assistant_tokens",
@@ -72,7 +74,8 @@ _HANDLED = frozenset(
         "continuous_batching_config",
     }
 )
-# Values of the other options that leave decoding untouched; anything else falls back.
+# Values of the other options that leave decoding untouched; anything else falls back (num_beams > 1 is
+# checked by _beams instead: beam search).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,),
     "num_beam_groups": (1,),
@@ -177,6 +180,7 @@ class Plan:
     # Encoder-decoder models: the encoder's inputs; input_ids / attention_mask are then the decoder's
     # (its start token, [B, 1]), and the prompt bucket is 1 (fastgen.encdec).
     encoder: Any | None = None
+    beams: Beams | None = None  # beam search (input_ids then holds each prompt num_beams times)
 
     @property
     def first_slot(self) -> int:
@@ -366,10 +370,10 @@ def _prepare_config(
     return config, model_kwargs, has_default_max, has_default_min
 
 
-def _check_options(config: Any) -> None:
+def _check_options(config: Any, skip: tuple[str, ...] = ()) -> None:
     served = processors.handled_options()  # transformers' built list then says which processors run
     for name, value in config.to_dict().items():
-        if name.startswith("_") or name in _HANDLED or name in served:
+        if name.startswith("_") or name in _HANDLED or name in served or name in skip:
             continue
         if value is None or value is False or value == {}:
             continue
@@ -590,8 +594,10 @@ def _layout(length: int, max_new: int, cache: Any | None, held: int = 0) -> tupl
 
 
 def _expand(config: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """num_return_sequences: each row repeated in place, as transformers' _expand_inputs_for_generation."""
-    count = int(config.num_return_sequences or 1)
+    """num_return_sequences (or num_beams for beam search): each row repeated in place, as transformers'
+    _expand_inputs_for_generation."""
+    beams = int(config.num_beams or 1)
+    count = beams if beams > 1 else int(config.num_return_sequences or 1)
     if count == 1:
         return ids, mask
     return ids.repeat_interleave(count, dim=0), mask.repeat_interleave(count, dim=0)
@@ -624,6 +630,49 @@ def _stop_strings(config: Any, tokenizer: Any, eos: tuple[int, ...]) -> Any | No
         "stop_strings-no-filler",
     )
     return criteria
+
+
+_BEAM_FIX = (
+    "Beam search takes the fast path greedy (do_sample=False) and without streamers, stopping_criteria, "
+    f"max_time, stop_strings or a cache object. {_DOCS_FIX}"
+)
+
+
+def _beams(model: Any, config: Any, hooks: _Hooks, eos: tuple[int, ...], pad: int | None) -> Beams | None:
+    """The beam-search options, or None for greedy / sampling; Fallback for what the search does not cover."""
+    num_beams = int(config.num_beams or 1)
+    if num_beams == 1:
+        return None
+
+    def refuse(condition: bool, what: str, key: str) -> None:
+        _require(not condition, f"beam search (num_beams={num_beams}) with {what}", key, _BEAM_FIX)
+
+    refuse(bool(config.do_sample), "do_sample=True (beam sampling)", "beams-sample")
+    refuse(hooks.streamer is not None, "a streamer (transformers raises)", "beams-streamer")
+    refuse(bool(hooks.criteria), "stopping_criteria", "beams-stopping-criteria")
+    refuse(getattr(config, "max_time", None) is not None, "max_time", "beams-max-time")
+    refuse(getattr(config, "stop_strings", None) is not None, "stop_strings", "beams-stop-strings")
+    refuse(bool(getattr(config, "low_memory", False)), "low_memory=True", "beams-low-memory")
+    count = int(config.num_return_sequences or 1)
+    refuse(count > num_beams, f"num_return_sequences={count} > num_beams", "beams-return-sequences")
+    early = config.early_stopping
+    refuse(early not in (True, False, "never"), f"early_stopping={early!r}", "beams-early-stopping")
+    from transformers import GenerationMixin
+
+    vectorized = hasattr(GenerationMixin, "_get_top_k_continuations")  # the >= 4.50 rewrite
+    pad_id = pad if pad is not None else (eos[0] if eos else None)
+    if not vectorized:
+        fill = 0 if pad_id is None else pad_id
+    else:  # its fill value: `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1`
+        fill = (pad_id if pad_id else eos[0]) if eos else -1
+    return Beams(
+        num_beams=num_beams,
+        length_penalty=float(config.length_penalty if config.length_penalty is not None else 1.0),
+        early_stopping=early,
+        num_return=count,
+        best_of_candidates=not vectorized,
+        fill=fill,
+    )
 
 
 def _lengths(
@@ -672,8 +721,9 @@ def plan_request(
         raise
     except Exception as exc:  # transformers will raise it again, with its own message
         raise Fallback(f"transformers rejected the generation config: {exc!r}") from exc
-    _check_options(config)
+    _check_options(config, skip=("num_beams",) if int(config.num_beams or 1) > 1 else ())
     eos, pad = _special_tokens(config)
+    beams = _beams(model, config, hooks, eos, pad)
     cpu_ids = ids.to("cpu", torch.int64)
     mask = _attention_mask(model_kwargs, cpu_ids, eos, pad, right_padding=spec.encoder_decoder)
     cpu_ids, mask = _expand(config, cpu_ids, mask)
@@ -687,6 +737,13 @@ def plan_request(
         "a cache object with an encoder-decoder model",
         "encoder-decoder-cache",
         "Pass cache_implementation='static' (the fast path builds the EncoderDecoderCache), no cache object.",
+    )
+    _require(beams is None or cache is None, "beam search with a cache object", "beams-cache", _BEAM_FIX)
+    _require(
+        beams is None or encoder is None,
+        "beam search with an encoder-decoder model",
+        "beams-encoder-decoder",
+        "Beam search takes the fast path on decoder-only models; greedy and sampling on this one.",
     )
     model_kwargs.pop("use_cache", None)
     leftover = sorted(
@@ -732,6 +789,7 @@ def plan_request(
         stop_strings=stop_strings,
         streamer=hooks.streamer,
         encoder=encoder,
+        beams=beams,
     )
 
 

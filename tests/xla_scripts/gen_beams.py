@@ -1,0 +1,178 @@
+"""Beam search on the fast path against transformers' beam search on CPU; prints one RESULT JSON line.
+
+A left-padded batch of 2 (prompt lengths 8 and 5) with an eos token the free-running search produces.
+Each option set of one call shape compiles 2 graphs (prefill + decode); ``length_penalty`` is device data,
+so its values share them. XLA:CPU dies near 40 graphs in one process: a case groups few shapes.
+
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py match --beams 2
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py compiles --new-tokens 64
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py fallbacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+import transformers
+
+import xla_cache_patch
+from tests.xla_scripts.gen_cases import PAD, build, compiles, on_xla, prompts
+
+PENALTIES = (0.6, 1.0, 2.0)
+EARLY = (True, False, "never")
+
+
+def _kw(beams: int, new_tokens: int, **extra: Any) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=new_tokens,
+        num_beams=beams,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **extra,
+    )
+
+
+def _pick_eos(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, beams: int, new: int
+) -> list[int]:
+    """Tokens the eos-free search produces: in the best hypothesis of prompt 0 late (its first new token
+    that differs from its first one) and of prompt 1 early (its second): hypotheses end early in one
+    prompt and late in the other, and two eos ids make the search keep 3 x beams candidates."""
+    free = model.generate(ids, attention_mask=mask, eos_token_id=None, **_kw(beams, new)).sequences
+    row0, row1 = free[0, ids.shape[1] :].tolist(), free[1, ids.shape[1] :].tolist()
+    late = next((t for t in row0 if t != row0[0]), row0[-1])
+    return [int(late), int(row1[1])]
+
+
+def _same(got: Any, ref: Any) -> dict[str, bool]:
+    seq = torch.equal(got.sequences.cpu(), ref.sequences)
+    scores = got.sequences_scores is not None and torch.allclose(
+        got.sequences_scores.cpu(), ref.sequences_scores, atol=1e-4, rtol=1e-4
+    )
+    indices = (
+        got.beam_indices is not None
+        and ref.beam_indices is not None
+        and torch.equal(got.beam_indices.cpu().long(), ref.beam_indices.long())
+        and got.beam_indices.dtype == ref.beam_indices.dtype
+    )
+    steps = got.scores is not None and len(got.scores) == len(ref.scores)
+    return {"sequences": seq, "scores": bool(scores), "beam_indices": bool(indices), "steps": bool(steps)}
+
+
+def case_match(args: argparse.Namespace) -> dict[str, Any]:
+    """Every length_penalty x early_stopping for one beam count: tokens, sequences_scores, beam indices."""
+    model = build("llama")
+    ids, mask = prompts(2)
+    new = args.new_tokens
+    eos = _pick_eos(model, ids, mask, args.beams, new)
+    if args.one_eos:
+        eos = eos[:1]
+    sets = [dict(length_penalty=lp, early_stopping=es) for es in EARLY for lp in PENALTIES]
+    if args.beams > 2:
+        sets.append(dict(length_penalty=1.0, early_stopping=False, num_return_sequences=2))
+    refs = [
+        model.generate(ids, attention_mask=mask, eos_token_id=eos, **_kw(args.beams, new, **s)) for s in sets
+    ]
+    on_xla(model)
+    xla_cache_patch.apply()
+    xids, xmask = ids.to(model.device), mask.to(model.device)
+    results, took, per_call = [], [], []
+    for extra, ref in zip(sets, refs, strict=True):
+        before = compiles()
+        with xla_cache_patch.fastgen.recorded() as decisions:
+            got = model.generate(
+                xids, attention_mask=xmask, eos_token_id=eos, **_kw(args.beams, new, **extra)
+            )
+        per_call.append(compiles() - before)
+        took += ["fast" if d.fast else str(d) for d in decisions]
+        results.append(_same(got, ref))
+    lengths = sorted({int(r.sequences.shape[1]) - ids.shape[1] for r in refs})
+    return {
+        "transformers": transformers.__version__,
+        "took": took,
+        "results": results,
+        "compiles": per_call,
+        "eos": eos,
+        "new_lengths": lengths,
+        # some returned hypothesis ends with eos before the last slot (filled after it)
+        "ended_early": any(
+            bool((r.sequences[:, ids.shape[1] : -1] == eos[0]).any())
+            or bool((r.sequences[:, ids.shape[1] : -1] == eos[-1]).any())
+            for r in refs
+        ),
+    }
+
+
+def case_compiles(args: argparse.Namespace) -> dict[str, Any]:
+    """Graphs per call for one token budget: the first call, then new length_penalty values."""
+    model = build("llama")
+    ids, mask = prompts(2)
+    new = args.new_tokens
+    sets = [dict(length_penalty=lp, early_stopping="never") for lp in PENALTIES]
+    refs = [model.generate(ids, attention_mask=mask, eos_token_id=None, **_kw(4, new, **s)) for s in sets]
+    on_xla(model)
+    xla_cache_patch.apply()
+    xids, xmask = ids.to(model.device), mask.to(model.device)
+    per_call, match, took = [], [], []
+    for extra, ref in zip(sets, refs, strict=True):
+        before = compiles()
+        with xla_cache_patch.fastgen.recorded() as decisions:
+            got = model.generate(xids, attention_mask=xmask, eos_token_id=None, **_kw(4, new, **extra))
+        per_call.append(compiles() - before)
+        took += ["fast" if d.fast else str(d) for d in decisions]
+        match.append(_same(got, ref))
+    # sequences only (no scores out, the cache is not settled): its own two graphs
+    plain_kw = {**_kw(4, new, length_penalty=0.6, early_stopping="never"), "return_dict_in_generate": False}
+    ref = refs[0].sequences
+    before = compiles()
+    got = model.generate(xids, attention_mask=xmask, eos_token_id=None, **plain_kw)
+    per_call.append(compiles() - before)
+    match.append({"sequences": torch.equal(got.cpu(), ref)})
+    return {"transformers": transformers.__version__, "took": took, "compiles": per_call, "results": match}
+
+
+def case_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
+    """What beam search does not cover falls back, with its reason (planning only: nothing runs)."""
+    model = on_xla(build("llama"))
+    ids, mask = prompts(2)
+    xids, xmask = ids.to(model.device), mask.to(model.device)
+    calls = {
+        "sample": dict(do_sample=True),
+        "groups": dict(num_beam_groups=2, diversity_penalty=1.0),
+        "constraints": dict(force_words_ids=[[5]]),
+        "return_sequences": dict(num_return_sequences=3),
+        "max_time": dict(max_time=5.0),
+    }
+    keys = {}
+    for name, extra in calls.items():
+        kw = dict(max_new_tokens=4, num_beams=2, cache_implementation="static", pad_token_id=PAD, **extra)
+        decision = xla_cache_patch.fastgen.decide(model, (xids,), dict(attention_mask=xmask, **kw))
+        keys[name] = None if decision.fast else decision.key
+    plain = xla_cache_patch.fastgen.decide(
+        model,
+        (xids,),
+        dict(attention_mask=xmask, max_new_tokens=4, num_beams=2, cache_implementation="static"),
+    )
+    return {"keys": keys, "plain_fast": plain.fast}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=["match", "compiles", "fallbacks"])
+    parser.add_argument("--beams", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--one-eos", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {"match": case_match, "compiles": case_compiles, "fallbacks": case_fallbacks}[args.case](args)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
