@@ -19,7 +19,8 @@ import torch
 import transformers
 
 import xla_cache_patch
-from tests.xla_scripts.gen_cases import PAD, build, compiles, on_xla, prompts
+from tests.xla_scripts.common import PAD, compiles, on_xla, prompts
+from tests.xla_scripts.gen_cases import build
 
 PENALTIES = (0.6, 1.0, 2.0)
 EARLY = (True, False, "never")

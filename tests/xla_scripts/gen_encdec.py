@@ -20,7 +20,8 @@ import torch_xla
 import transformers
 
 import xla_cache_patch
-from tests.xla_scripts.gen_cases import RECORDS, compiles, on_xla, sequences
+from tests.xla_scripts.common import compiles, on_xla, sequences
+from tests.xla_scripts.gen_cases import RECORDS
 from xla_cache_patch.tools import tiny
 
 
