@@ -44,7 +44,7 @@ def test_greedy_matches_cpu_generate(model: str, batch: int) -> None:
 @pytest.mark.xla
 @pytest.mark.slow
 def test_small_row_dots_on_xla_cpu_match_and_are_restored() -> None:
-    """The fast path's XLA:CPU dot forms (one matvec per row up to 3, W @ x.T up to 128): the products
+    """The fast path's XLA:CPU dot forms (one matvec per row up to 3, W @ x.T up to 16): the products
     F.linear gives, a batch of 4 equal to CPU generate, and F.linear restored after the call."""
     result = run_case("dots", "--new-tokens", "12")
     assert result["swapped"] and result["restored"]

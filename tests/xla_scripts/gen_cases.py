@@ -418,7 +418,7 @@ def case_dots(args: argparse.Namespace) -> dict[str, Any]:
     worst = 0.0
     with swaps.xla_cpu_dots(device):
         swapped = torch.nn.functional.linear is swaps._linear
-        for rows in (1, 2, 3, 4, 9, 16, 17, 64, 128, 129):
+        for rows in (1, 2, 3, 4, 9, 16, 17):
             x = torch.randn(rows, 1, 64, generator=gen)
             for b in (None, bias):
                 got = torch.nn.functional.linear(

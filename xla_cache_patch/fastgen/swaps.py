@@ -28,11 +28,8 @@ import torch
 
 #: Row counts (batch x new tokens) that XLA:CPU multiplies faster one matrix-vector dot per row, and
 #: the largest count measured faster as ``(W @ x.T).T``; outside that range ``F.linear`` is left alone.
-#: At 16 to 128 rows (a loaded 2-core machine, float32, ms per dot, ``x @ W.T`` against ``(W @ x.T).T``):
-#: W 49152 x 576: 135 / 60 (16 rows), 160 / 68 (32), 174 / 134 (64), 915 / 202 (128); W 1536 x 576 and
-#: 576 x 1536: 1.1-2.9 against 0.4-2.4 at every count. Past 128 rows it was not measured.
 ROWS_AS_MATVECS = 3
-ROWS_TRANSPOSED = 128
+ROWS_TRANSPOSED = 16
 
 
 class Swap:
