@@ -35,6 +35,13 @@ ROW_SCHEMA = {
     "execute_ms_per_step": float,
     "decode_step_ms": float,
     "roofline_ms_per_token": float,
+    "roofline_bound": str,
+    "memory_ms_per_step": float,
+    "compute_ms_per_step": float,
+    "matmul_gflop_s": float,
+    "batch": int,
+    "steady_ms_per_step": float,  # tokens/s is None when a noisy difference is not positive
+    "cpu_eager_ms_per_step": float,
     "peak_rss_mb": float,
 }
 
@@ -62,6 +69,62 @@ def test_bench_arguments_parse() -> None:
     defaults = cli.build_parser().parse_args(["bench"])
     assert defaults.new_tokens == [8, 32, 128]
     assert defaults.variants == list(bench.VARIANTS)
+    assert (defaults.batch, defaults.dtype) == ([1], "float32")
+    sized = cli.build_parser().parse_args(["bench", "--batch", "1,8,32", "--dtype", "bfloat16"])
+    assert (sized.batch, sized.dtype) == ([1, 8, 32], "bfloat16")
+
+
+def test_every_variant_runs_at_every_batch_and_the_worker_is_told() -> None:
+    jobs = bench.plan_jobs(["generate-patched", "loop-dynamo"], [64], cap=16, batches=(1, 8))
+    assert [(j.batch, j.variant) for j in jobs] == [
+        (1, "generate-patched"),
+        (1, "loop-dynamo"),
+        (8, "generate-patched"),
+        (8, "loop-dynamo"),
+    ]
+    args = cli.build_parser().parse_args(["bench", "--dtype", "bfloat16"])
+    cmd = " ".join(bench.worker_command(jobs[3], args, "row.json"))
+    assert "--variant loop-dynamo --new-tokens 64" in cmd and "--batch 8 --dtype bfloat16" in cmd
+
+
+def test_steady_state_is_the_difference_of_two_warm_calls() -> None:
+    from xla_cache_patch.tools import bench_worker
+
+    assert bench_worker.short_tokens(64) == 32 and bench_worker.short_tokens(1) is None
+    # 64 tokens in 3.0 s, 32 in 1.4 s: 1.6 s for the 32 steps between, whatever the prefill cost
+    assert bench_worker.steady_ms(3.0, 1.4, 64) == 50.0
+    assert bench_worker._per_s(8, 50.0) == 160.0 and bench_worker._per_s(8, -1.0) is None
+
+
+@pytest.mark.parametrize("variant", ["generate-patched", "loop-dynamo"])
+def test_bench_prompts_have_the_batch_and_the_user_call_is_left_padded(variant: str) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    from xla_cache_patch.tools import bench_worker, tiny
+
+    ids, mask = bench_worker.prompts(variant, 256, 8, 5)
+    assert ids.shape == (5, 8)
+    assert torch.equal(ids[:1], tiny.prompt_ids(256, 8))
+    assert len({tuple(row.tolist()) for row in ids[:, 3:]}) == 5  # distinct prompts
+    if variant == "loop-dynamo":
+        assert mask is None
+    else:
+        assert mask[:, :3].sum(dim=1).tolist() == [3, 0, 3, 0, 3] and bool(mask[:, 3:].all())
+        assert int(ids[1::2, :3].abs().sum()) == 0
+
+
+def test_roofline_counts_bytes_and_flops_of_a_step() -> None:
+    pytest.importorskip("transformers")
+    from xla_cache_patch.tools import bench_worker, tiny
+
+    model = tiny.tiny_model()  # 2 layers, hidden 64, 4 heads of 16, 2 kv heads, vocab 256, untied
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 256 * 64
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    step_bytes, flops = bench_worker.step_cost(model, batch=8, position=10.0)
+    assert step_bytes == weights + 2 * 2 * 2 * 16 * 4 * 8 * 10
+    assert flops == 2 * linear * 8 + 2 * 2 * 2 * 4 * 16 * 10 * 8
+    assert bench_worker.step_cost(model.bfloat16(), 8, 10.0)[0] == step_bytes / 2
 
 
 @pytest.mark.parametrize("bad", [["bench", "--variants", "loop-bogus"], ["bench", "--new-tokens", "0"], []])
@@ -126,7 +189,7 @@ def test_table_is_markdown_and_says_what_was_capped() -> None:
     ]
     table = bench.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| variant | new tokens | compiles |")
+    assert lines[0].startswith("| variant | batch | new tokens | compiles |")
     assert lines[1].startswith("|---|")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert "16 (capped from 32)" in lines[2]
@@ -142,7 +205,24 @@ def test_capped_requests_that_ran_as_one_job_are_one_row() -> None:
         _row("generate-stock", 16, requested_new_tokens=128, capped=True),
     ]
     lines = bench.format_table(rows).splitlines()[2:]
-    assert [line.split("|")[2].strip() for line in lines] == ["8", "16 (capped from 32, 128)"]
+    assert [line.split("|")[3].strip() for line in lines] == ["8", "16 (capped from 32, 128)"]
+
+
+def test_rows_of_each_batch_are_their_own_and_compared_at_their_batch() -> None:
+    rows = [
+        _row("generate-stock", 8, wall_s=10.0),
+        _row("generate-patched", 8, wall_s=2.0),
+        _row("generate-stock", 8, batch=4, wall_s=30.0),
+        _row("generate-patched", 8, batch=4, wall_s=3.0, steady_ms_per_step=20.0, tokens_per_s=200.0),
+    ]
+    lines = bench.format_table(rows).splitlines()[2:]
+    assert [line.split("|")[2].strip() for line in lines] == ["1", "1", "4", "4"]
+    assert "| 20.0 | 200.0 |" in lines[3]
+    assert [line.split(" cold:")[0] for line in bench.speedups(rows)] == [
+        "generate-patched x8",
+        "generate-patched batch 4 x8",
+    ]
+    assert rows[1]["cold_speedup"] == 5.0 and rows[3]["cold_speedup"] == 10.0
 
 
 FAKE_WORKER = """
@@ -243,6 +323,7 @@ def test_worker_env_defaults_to_cpu_and_sets_device_count(monkeypatch: pytest.Mo
     assert env["CPU_NUM_DEVICES"] == "4"
     assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
     assert env["XLA_CACHE_PATCH"] == "0"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # the CPU eager reference must not spin-wait
     args = cli.build_parser().parse_args(["bench", "--spmd", "4", "--layers", "3"])
     cmd = " ".join(bench.worker_command(bench.Job("loop-stock", 4, 4), args, "row.json"))
     assert "--variant loop-stock --new-tokens 4 --out row.json --spmd 4" in cmd
@@ -354,10 +435,10 @@ def test_doctor_live_probe_passes() -> None:
 def test_small_bench_writes_rows_matching_the_schema(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "xla_cache_patch", "bench", "--new-tokens", "4"]
-    cmd += ["--variants", "loop-stock,loop-inplace", "--json", str(out_json)]
+    cmd += ["--variants", "loop-stock,loop-inplace", "--batch", "2", "--json", str(out_json)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "| variant | new tokens |" in proc.stdout
+    assert "| variant | batch | new tokens |" in proc.stdout
     assert "2/2" in proc.stderr  # the progress bar reached the end
 
     data = json.loads(out_json.read_text())
@@ -371,6 +452,9 @@ def test_small_bench_writes_rows_matching_the_schema(tmp_path: Path) -> None:
         assert row["tokens_match_cpu"] is True
         assert row["compiles"] >= 1 and row["executions"] >= 4
         assert row["steady_compiles"] == 0
+        assert row["batch"] == 2 and row["short_new_tokens"] == 2
+        assert row["short_compiles"] == 0 and row["short_steady_compiles"] == 0  # same graphs, shorter
+        assert row["roofline_bound"] in ("memory", "compute")
         assert "error" not in row
     assert [r["patched"] for r in rows] == [False, True]
 

@@ -1,6 +1,6 @@
 """``xla-cache-patch bench``: stock vs patched decode on XLA, one subprocess per measurement.
 
-A subprocess per (variant, new tokens) keeps each measurement's compile count honest and keeps
+A subprocess per (batch, variant, new tokens) keeps each measurement's compile count honest and keeps
 XLA:CPU alive: every compiled graph costs ~1,500 memory mappings, and ~40 graphs kill a process.
 This module imports no torch; the workers (``bench_worker``) do the measuring.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xla_cache_patch.compat import installed_version
-from xla_cache_patch.tools.bench_worker import CHAT_CALL, VARIANTS
+from xla_cache_patch.tools.bench_worker import CHAT_CALL, DTYPES, VARIANTS
 from xla_cache_patch.tools.tiny import PRESETS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
@@ -40,16 +40,21 @@ class Job:
     variant: str
     requested: int
     new_tokens: int
+    batch: int = 1
 
     @property
     def capped(self) -> bool:
         return self.new_tokens != self.requested
 
 
-def plan_jobs(variants: list[str], new_tokens: list[int], cap: int) -> list[Job]:
-    """Every (variant, new tokens) pair, with stock generate capped so it cannot exhaust XLA:CPU."""
+def plan_jobs(
+    variants: list[str], new_tokens: list[int], cap: int, batches: tuple[int, ...] = (1,)
+) -> list[Job]:
+    """Every (batch, variant, new tokens), with stock generate capped so it cannot exhaust XLA:CPU.
+    Every variant runs at every batch: rows of one batch compare like with like."""
     return [
-        Job(v, n, min(n, cap) if v.startswith("generate-stock") and cap > 0 else n)
+        Job(v, n, min(n, cap) if v.startswith("generate-stock") and cap > 0 else n, b)
+        for b in batches
         for v in variants
         for n in new_tokens
     ]
@@ -94,12 +99,16 @@ def worker_env(spmd: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env["XLA_CACHE_PATCH"] = "0"  # the worker patches explicitly; a start-up patch would skew "stock"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # torch's CPU threads spin while they wait: on a loaded machine the CPU eager reference then varied
+    # 2-100 ms/token run to run (the tiny model); sleeping waiters make it stable. XLA:CPU does not use OMP.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
 def worker_command(job: Job, args: argparse.Namespace, out: str, progress: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "xla_cache_patch.tools.bench_worker", "--variant", job.variant]
     cmd += ["--new-tokens", str(job.new_tokens), "--out", out, "--spmd", str(args.spmd)]
+    cmd += ["--batch", str(job.batch), "--dtype", getattr(args, "dtype", "float32")]
     if progress:
         cmd += ["--progress", progress]
     if args.cache_len and job.variant.startswith("loop-"):
@@ -170,7 +179,7 @@ def crashed_row(progress: dict[str, Any], reason: str, now: float) -> dict[str, 
 def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """Measure one job in a fresh process; a failed or timed-out worker becomes a row with ``error``
     (and ``crashed: true`` with the graphs and seconds it got to, if it died while its variant ran)."""
-    label = f"{job.variant} x{job.new_tokens}"
+    label = f"{job.variant} b{job.batch} x{job.new_tokens}"
     progress.start(label)
     with tempfile.TemporaryDirectory() as tmp:
         out, beat = os.path.join(tmp, "row.json"), os.path.join(tmp, "progress.json")
@@ -191,7 +200,7 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
         last = _GLOG_PREFIX.sub("", tail.splitlines()[-1]) if tail else ""
         how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
         row = crashed_row(beats, f"worker {how}: {last}".rstrip(": "), now)
-    row.update(variant=job.variant, new_tokens=job.new_tokens)
+    row.update(variant=job.variant, new_tokens=job.new_tokens, batch=job.batch)
     if "error" in row and tail:
         row["log_tail"] = tail
     progress.finish(label, elapsed, "FAILED: " + row["error"] if "error" in row else "")
@@ -208,16 +217,18 @@ def speedups(rows: list[dict[str, Any]]) -> list[str]:
     (``cold_speedup``). A crashed stock row is a lower bound on its time, so the speed-up is too."""
     lines = []
     by_key = {_key(r): r for r in rows}
-    for (variant, n), warmed in by_key.items():
+    for (variant, n, batch), warmed in by_key.items():
         if variant == "generate-warmed" and "error" not in warmed:
             lines.append(
-                f"generate-warmed x{n}: xla_cache_patch.warmup() compiled {warmed.get('warmup_compiles')} "
-                f"graphs in {warmed.get('warmup_s', 0):.1f} s; the first call after it compiled "
+                f"generate-warmed{_batch_label(batch)} x{n}: xla_cache_patch.warmup() compiled "
+                f"{warmed.get('warmup_compiles')} graphs in {warmed.get('warmup_s', 0):.1f} s; "
+                "the first call after it compiled "
                 f"{warmed.get('compiles')} graphs in {warmed.get('wall_s', 0):.2f} s."
             )
-    for (variant, n), fast in by_key.items():
+    for (variant, n, batch), fast in by_key.items():
         stock_variant = STOCK_OF.get(variant)
-        stock = by_key.get((stock_variant, n)) if stock_variant else None
+        stock = by_key.get((stock_variant, n, batch)) if stock_variant else None
+        variant = variant + _batch_label(batch)
         if stock is None or "error" in fast:
             continue
         if not stock.get("wall_s") or not fast.get("wall_s"):
@@ -240,17 +251,21 @@ def speedups(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _batch_label(batch: int) -> str:
+    return f" batch {batch}" if batch != 1 else ""
+
+
 def run_jobs(jobs: list[Job], args: argparse.Namespace, stream: TextIO | None = None) -> list[dict[str, Any]]:
     """Run each distinct job once; capped duplicates reuse the row of the run they collapse to."""
-    distinct = list(dict.fromkeys((j.variant, j.new_tokens) for j in jobs))
+    distinct = list(dict.fromkeys((j.variant, j.new_tokens, j.batch) for j in jobs))
     progress = Progress(len(distinct), stream)
-    measured: dict[tuple[str, int], dict[str, Any]] = {}
-    for variant, n in distinct:
-        first = next(j for j in jobs if (j.variant, j.new_tokens) == (variant, n))
-        measured[(variant, n)] = run_job(first, args, progress)
+    measured: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for key in distinct:
+        first = next(j for j in jobs if (j.variant, j.new_tokens, j.batch) == key)
+        measured[key] = run_job(first, args, progress)
     rows = []
     for job in jobs:
-        row = dict(measured[(job.variant, job.new_tokens)])
+        row = dict(measured[(job.variant, job.new_tokens, job.batch)])
         row.update(requested_new_tokens=job.requested, capped=job.capped)
         rows.append(row)
     return rows
@@ -269,6 +284,8 @@ def environment(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
         "pjrt_device": worker_env(args.spmd)["PJRT_DEVICE"],
         "spmd": args.spmd,
         "stock_generate_cap": args.stock_generate_cap,
+        "dtype": getattr(args, "dtype", "float32"),
+        "omp_wait_policy": worker_env(args.spmd)["OMP_WAIT_POLICY"],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     for row in rows:
@@ -294,6 +311,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 TABLE_COLUMNS = (
     "variant",
+    "batch",
     "new tokens",
     "compiles",
     "executions",
@@ -301,17 +319,21 @@ TABLE_COLUMNS = (
     "tokens = CPU",
     "wall s",
     "ms/token",
+    "steady ms/step",
+    "tokens/s",
     "decode ms/step",
     "host overhead x",
-    "roofline ms/token",
-    "decode / roofline",
-    "CPU eager ms/token",
+    "roofline ms/step",
+    "bound",
+    "steady / roofline",
+    "CPU eager ms/step",
+    "CPU eager tokens/s",
     "peak RSS MB",
 )
 
 
-def _key(row: dict[str, Any]) -> tuple[str, int]:
-    return row["variant"], row["new_tokens"]
+def _key(row: dict[str, Any]) -> tuple[str, int, int]:
+    return row["variant"], row["new_tokens"], row.get("batch", 1)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -325,18 +347,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue  # capped requests that ran as one job: one row, naming every request
         printed.add(_key(row))
         tokens = str(row["new_tokens"])
-        same = (row["variant"], row["new_tokens"])
+        same = _key(row)
         asked = sorted({r["requested_new_tokens"] for r in rows if r.get("capped") and _key(r) == same})
         if asked:
             tokens = f"{row['new_tokens']} (capped from {', '.join(map(str, asked))})"
+        batch = str(row.get("batch", 1))
         if row.get("crashed"):
-            cells = [row["variant"], tokens, _fmt(row.get("compiles")), "", "", ""]
-            cells += [_fmt(row.get("wall_s"), 1), f"crashed: {row['crash']}"] + [""] * (len(columns) - 8)
+            cells = [row["variant"], batch, tokens, _fmt(row.get("compiles")), "", "", ""]
+            cells += [_fmt(row.get("wall_s"), 1), f"crashed: {row['crash']}"] + [""] * (len(columns) - 9)
         elif "error" in row:
-            cells = [row["variant"], tokens, f"error: {row['error']}"] + [""] * (len(columns) - 3)
+            cells = [row["variant"], batch, tokens, f"error: {row['error']}"] + [""] * (len(columns) - 4)
         else:
             cells = [
                 row["variant"],
+                batch,
                 tokens,
                 _fmt(row.get("compiles")),
                 _fmt(row.get("executions")),
@@ -344,11 +368,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row.get("tokens_match_cpu")),
                 _fmt(row.get("wall_s"), 2),
                 _fmt(row.get("ms_per_token"), 1),
+                _fmt(row.get("steady_ms_per_step"), 1),
+                _fmt(row.get("tokens_per_s"), 1),
                 _fmt(row.get("decode_step_ms"), 2),
                 _fmt(row.get("host_overhead"), 1),
                 _fmt(row.get("roofline_ms_per_token"), 2),
-                _fmt(row.get("decode_x_roofline"), 2),
-                _fmt(row.get("cpu_eager_ms_per_token"), 1),
+                _fmt(row.get("roofline_bound")),
+                _fmt(row.get("steady_x_roofline"), 2),
+                _fmt(row.get("cpu_eager_ms_per_step"), 1),
+                _fmt(row.get("cpu_eager_tokens_per_s"), 1),
                 _fmt(row.get("peak_rss_mb"), 0),
             ]
             if sharded:
@@ -360,15 +388,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def table_notes(rows: list[dict[str, Any]]) -> str:
     """What the columns mean, and which rows were capped."""
     notes = [
+        "batch: rows of every call of the row (generate-stock/-patched/-warmed/-chat-config: every second",
+        "row left-padded by 3 tokens, with its mask); the rows of one batch compare like with like.",
         "compiles, executions, aliased KV buffers, wall s: the first (cold) call in a fresh process.",
         "ms/token: a second identical call's wall time over its new tokens (prefill included).",
+        "steady ms/step: (warm call of N tokens - warm call of N/2) / (N/2), eos off: one decode step of",
+        "the whole batch, prefill and per-call set-up cancelled. tokens/s: batch x 1000 / steady ms/step.",
         "decode ms/step: XLA execution time of that call's graphs after the prefill, per step ('-' where a",
         "step runs several graphs, as dynamo's do: they overlap, so ms/token is the measure there).",
         "host overhead x: ms/token over the call's XLA execution time per token (1.0: the host never waits).",
-        "roofline ms/token: bytes a decode step must read (weights + KV cache at the average position)",
-        "over the bandwidth of a large in-place add on the XLA device, measured in the same process.",
-        "decode / roofline: decode ms/step over roofline ms/token. peak RSS MB: the worker process's.",
-        "CPU eager ms/token: the same call in torch eager on the same cores (no XLA), warm.",
+        "roofline ms/step: max(bytes a step reads (weights + KV cache at the steady steps' average",
+        "position) / the bandwidth of a large in-place add, FLOPs (2 per linear weight and row, plus",
+        "attention) / the rate of a 1024^3 dot), both measured in the worker on the XLA device in the",
+        "row's dtype; bound: which of the two is larger. steady / roofline: steady ms/step over it.",
+        "CPU eager ms/step, tokens/s: the same call in torch eager on the same cores (no XLA), measured",
+        "the same way (after a warm-up call); workers run with OMP_WAIT_POLICY=PASSIVE (see docs/bench.md).",
+        "peak RSS MB: the worker process's.",
         "A crashed row: the graphs compiled and seconds run before the crash (lower bounds).",
     ]
     if any(r["variant"] in CHAT_CALL for r in rows):
@@ -405,7 +440,7 @@ def require_matplotlib() -> None:
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Compiles and ms/token against new tokens, one line per variant (capped rows plotted once)."""
+    """Compiles and ms/token against new tokens, one line per variant and batch (capped rows once)."""
     require_matplotlib()
     import matplotlib
 
@@ -415,14 +450,15 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
 
     fig, (ax_c, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = ("-", "--", "-.", ":")
-    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+    for i, (variant, batch) in enumerate(dict.fromkeys((r["variant"], r.get("batch", 1)) for r in rows)):
         points = sorted(
             {
                 (r["new_tokens"], r["compiles"], r["ms_per_token"])
                 for r in rows
-                if r["variant"] == variant and "error" not in r
+                if (r["variant"], r.get("batch", 1)) == (variant, batch) and "error" not in r
             }
         )
+        variant += _batch_label(batch)
         if not points:
             continue
         xs = [p[0] for p in points]
@@ -461,7 +497,7 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    jobs = plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap)
+    jobs = plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap, tuple(args.batch))
     rows = run_jobs(jobs, args)
     env = environment(rows, args)
     lines = speedups(rows)
@@ -511,6 +547,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_csv_ints,
         default=",".join(map(str, DEFAULT_NEW_TOKENS)),
         help="comma-separated lengths to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_csv_ints,
+        default="1",
+        help="comma-separated batch sizes; every variant runs at each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weights, activations and KV cache of every variant (default: %(default)s)",
     )
     p.add_argument(
         "--variants",

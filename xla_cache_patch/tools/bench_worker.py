@@ -64,6 +64,7 @@ PATCH_MODE = {
     "loop-inplace": "inplace",
     "loop-functional": "functional",
 }
+EAGER_REPEATS = 2
 WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
 
 
@@ -119,14 +120,37 @@ class Heartbeat:
             os.replace(tmp, self.path)
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def _load_model(args: argparse.Namespace) -> Any:
-    """The tiny default (sized by --layers/--hidden), a preset, or a local checkpoint, in float32."""
+    """The tiny default (sized by --layers/--hidden), a preset, or a local checkpoint, in --dtype.
+
+    The dtype is set after loading, explicitly: the keyword changed name across releases (torch_dtype
+    -> dtype), and transformers 5 loads most checkpoints in bfloat16 when it is not given.
+    """
+    import torch
+
+    dtype = getattr(torch, args.dtype)
     if not args.model:
         # SPMD splits the cache on kv heads: give every head its own K/V (4 of them) so 4 devices can.
         kv_heads = tiny.NUM_HEADS if args.spmd else tiny.NUM_KV_HEADS
-        return tiny.tiny_model(args.layers, args.hidden, kv_heads=kv_heads)
-    # float32 after loading: the dtype keyword changed name across releases (torch_dtype -> dtype).
-    return tiny.load_model(args.model).float()
+        return tiny.tiny_model(args.layers, args.hidden, kv_heads=kv_heads).to(dtype)
+    return tiny.load_model(args.model).to(dtype)
+
+
+def prompts(variant: str, vocab: int, length: int, batch: int) -> tuple[Any, Any]:
+    """(ids, mask) on CPU. The user call (USER_CALL) is left-padded: every second row is 3 tokens
+    shorter, with its attention mask; the others are ``batch`` unpadded prompts and no mask."""
+    import torch
+
+    ids = torch.cat([tiny.prompt_ids(vocab, length, tiny.DEFAULT_SEED + i) for i in range(batch)])
+    if variant not in USER_CALL:
+        return ids, None
+    mask = torch.ones_like(ids)
+    short = min(3, length - 1)
+    ids[1::2, :short], mask[1::2, :short] = 0, 0
+    return ids, mask
 
 
 def _fixed_length(model: Any) -> None:
@@ -242,20 +266,64 @@ def stream_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return 3 * megabytes * 2**20 * repeats / (time.perf_counter() - start)
 
 
-def _roofline(model: Any, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
-    """The memory limit of a decode step: weights plus the KV cache read once, at the stream bandwidth."""
+def matmul_rate(size: int = 1024, repeats: int = 5, dtype: Any = None) -> float:
+    """FLOPs per second of a large square dot on this XLA device, in ``dtype``, measured here and now."""
+    import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    a = torch.ones(size, size, device=torch_xla.device(), dtype=dtype) / size
+    b = torch.ones(size, size, device=torch_xla.device(), dtype=dtype)
+    torch_xla.sync()
+    out = a @ b  # the first run compiles
+    torch_xla.sync()
+    xm.wait_device_ops()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = a @ b
+        torch_xla.sync()
+    xm.wait_device_ops()
+    del out
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def step_cost(model: Any, batch: int, position: float) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one decode step of ``batch`` rows whose keys reach ``position``.
+
+    Bytes: every weight once, plus K and V up to the position. FLOPs: two per weight of every linear
+    layer (the output layer included) and row, plus attention's two products over the keys.
+    """
+    import torch
+
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     element = next(model.parameters()).element_size()
-    kv_per_token = 2 * config.num_hidden_layers * heads * head_dim * element * batch
-    step_bytes = weights + kv_per_token * (prompt_len + new_tokens / 2)  # the average position
+    layers = config.num_hidden_layers
+    kv_bytes = 2 * layers * kv_heads * head_dim * element * batch * position
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 2 * 2 * layers * heads * head_dim * position * batch
+    return weights + kv_bytes, 2 * linear * batch + attention
+
+
+def _roofline(model: Any, batch: int, position: float) -> dict[str, Any]:
+    """The floor of a decode step: the slower of reading its bytes at the stream bandwidth and doing
+    its FLOPs at the rate of a large dot, both measured here on this device in the model's dtype."""
+    step_bytes, flops = step_cost(model, batch, position)
     bandwidth = stream_bandwidth()
+    rate = matmul_rate(dtype=next(model.parameters()).dtype)
+    memory_ms, compute_ms = 1000 * step_bytes / bandwidth, 1000 * flops / rate
     return {
         "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "matmul_gflop_s": round(rate / 1e9, 1),
         "bytes_per_step_mb": round(step_bytes / 2**20, 1),
-        "roofline_ms_per_token": round(1000 * step_bytes / bandwidth, 3),
+        "gflop_per_step": round(flops / 1e9, 3),
+        "memory_ms_per_step": round(memory_ms, 3),
+        "compute_ms_per_step": round(compute_ms, 3),
+        "roofline_ms_per_token": round(max(memory_ms, compute_ms), 3),  # per step: one token per row
+        "roofline_bound": "memory" if memory_ms >= compute_ms else "compute",
     }
 
 
@@ -334,44 +402,94 @@ def _decode_step_ms(new_tokens: int) -> float | None:
 
 
 def _timed(
-    args: argparse.Namespace, model: Any, ids: Any, mask: Any
+    args: argparse.Namespace, model: Any, ids: Any, mask: Any, new_tokens: int
 ) -> tuple[tuple[Any, list[int], Any], float, Any]:
     """One XLA run of the variant: its result, wall seconds and the compile counters around it."""
     import torch
 
     with torch.no_grad(), count_compiles() as counted:
         start = time.perf_counter()
-        result = _run(args.variant, model, ids, mask, args.new_tokens, True, args.spmd, args.cache_len)
+        result = _run(args.variant, model, ids, mask, new_tokens, True, args.spmd, _cache_len(args))
         wall = time.perf_counter() - start
     return result, wall, counted
 
 
+def _cache_len(args: argparse.Namespace) -> int | None:
+    """The loops' cache slots: one size for the long and the short call, so both run the same graphs."""
+    if not args.variant.startswith("loop-"):
+        return args.cache_len
+    return args.cache_len or args.prompt_len + args.new_tokens
+
+
+def short_tokens(new_tokens: int) -> int | None:
+    """The length of the second warm call steady state is measured against (None: too short to)."""
+    return new_tokens // 2 if new_tokens >= 2 else None
+
+
+def steady_ms(long_s: float, short_s: float, new_tokens: int) -> float:
+    """Milliseconds per decode step with the prefill and the per-call set-up cancelled out: the
+    difference of two warm calls over the difference of their lengths."""
+    short = short_tokens(new_tokens) or 0
+    return round(1000 * (long_s - short_s) / (new_tokens - short), 3)
+
+
+def _cpu_reference(args: argparse.Namespace, model: Any, ids: Any, mask: Any) -> tuple[Any, dict[str, Any]]:
+    """Tokens of the same call in torch eager on CPU, and its warm and steady times.
+
+    A first call warms up (allocations, lazy set-up); then calls of the same length and of half of it,
+    the fastest of EAGER_REPEATS each (cheap next to the XLA calls, and the machine may be shared).
+    Torch's CPU threads spin while they wait: on a shared machine that made the same call 2 to 100 ms
+    per token from run to run, so the bench runs workers with ``OMP_WAIT_POLICY=PASSIVE``.
+    """
+    import torch
+
+    def call(n: int) -> tuple[Any, float]:
+        compat.drop_model_cache(model)
+        start = time.perf_counter()
+        tokens, _, _ = _run(args.variant, model, ids, mask, n, False, cache_len=_cache_len(args))
+        return tokens, time.perf_counter() - start
+
+    with torch.no_grad():
+        reference, _ = call(args.new_tokens)
+        long_s = min(call(args.new_tokens)[1] for _ in range(EAGER_REPEATS))
+        times: dict[str, Any] = {
+            "cpu_eager_ms_per_token": round(1000 * long_s / args.new_tokens, 3),
+            "cpu_threads": torch.get_num_threads(),
+        }
+        short = short_tokens(args.new_tokens)
+        if short:
+            short_s = min(call(short)[1] for _ in range(EAGER_REPEATS))
+            step = steady_ms(long_s, short_s, args.new_tokens)
+            times.update(cpu_eager_ms_per_step=step, cpu_eager_tokens_per_s=_per_s(ids.shape[0], step))
+    compat.drop_model_cache(model)
+    return reference, times
+
+
+def _per_s(batch: int, step_ms: float) -> float | None:
+    return round(1000 * batch / step_ms, 1) if step_ms > 0 else None
+
+
 def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str, Any]:
-    """CPU eager reference, then a cold and a steady XLA run of the same variant."""
+    """CPU eager reference, then a cold and two warm XLA runs (full and half length) of the variant."""
     import torch
 
     beat = beat or Heartbeat(None)
-    row: dict[str, Any] = {"variant": args.variant, "new_tokens": args.new_tokens}
+    row: dict[str, Any] = {
+        "variant": args.variant,
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "dtype": args.dtype,
+    }
     beat.phase("load")
     model = _load_model(args)
     if args.variant in CHAT_CALL:
         _chat_config(model)
-    mask = None
-    if args.variant in USER_CALL:
-        ids, mask = tiny.padded_prompts(model.config.vocab_size, args.prompt_len)
     else:
         _fixed_length(model)
-        ids = tiny.prompt_ids(model.config.vocab_size, args.prompt_len)
+    ids, mask = prompts(args.variant, model.config.vocab_size, args.prompt_len, args.batch)
     beat.phase("cpu-reference")
-    with torch.no_grad():
-        _run(args.variant, model, ids, mask, args.new_tokens, on_xla=False, cache_len=args.cache_len)
-        compat.drop_model_cache(model)
-        start = time.perf_counter()  # the second CPU call: torch eager on the same cores, warm
-        reference, _, _ = _run(
-            args.variant, model, ids, mask, args.new_tokens, False, cache_len=args.cache_len
-        )
-        row["cpu_eager_ms_per_token"] = round(1000 * (time.perf_counter() - start) / args.new_tokens, 3)
-    compat.drop_model_cache(model)
+    reference, eager = _cpu_reference(args, model, ids, mask)
+    row.update(eager)
     row.update(_apply_patch(args.variant))  # after the reference: CPU eager stays stock
     model = _to_xla(model, args.spmd)
 
@@ -387,16 +505,29 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
         )
         row["warmup_s"] = round(time.perf_counter() - start, 3)
     beat.phase("cold")
-    (tokens, step_compiles, cache), wall, cold = _timed(args, model, ids, mask)
+    (tokens, step_compiles, cache), wall, cold = _timed(args, model, ids, mask, args.new_tokens)
     met.clear_all()  # the steady call's ExecuteTime samples only (the counters below count from here)
     beat.phase("steady")
-    (again, _, cache), steady_wall, steady = _timed(args, model, ids, mask)
-
-    ms_per_token = 1000 * steady_wall / args.new_tokens
-    exec_ms = steady.execute_time_ns / 1e6 / args.new_tokens
+    (again, _, cache), steady_wall, steady = _timed(args, model, ids, mask, args.new_tokens)
     # one graph per step: its execution time is the step's; dynamo runs several, overlapped (see ms/token)
     decode_ms = _decode_step_ms(args.new_tokens) if steady.executions == args.new_tokens else None
-    roofline = _roofline(model, ids.shape[0], args.prompt_len, args.new_tokens)
+    exec_ms = steady.execute_time_ns / 1e6 / args.new_tokens
+    short = short_tokens(args.new_tokens)
+    if short:  # the half-length call, once to compile what it may need and once warm
+        _, _, short_cold = _timed(args, model, ids, mask, short)
+        _, short_wall, short_warm = _timed(args, model, ids, mask, short)
+        step = steady_ms(steady_wall, short_wall, args.new_tokens)
+        row.update(
+            short_new_tokens=short,
+            short_compiles=short_cold.compiles,
+            short_steady_compiles=short_warm.compiles,
+            steady_ms_per_step=step,
+            tokens_per_s=_per_s(args.batch, step),
+        )
+    position = args.prompt_len + ((short or 0) + args.new_tokens) / 2  # the steady steps' average
+    roofline = _roofline(model, args.batch, position)
+    ms_per_token = 1000 * steady_wall / args.new_tokens
+    floor = roofline["roofline_ms_per_token"]
     row.update(
         compiles=cold.compiles,
         executions=cold.executions,
@@ -409,7 +540,8 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
         ms_per_token=round(ms_per_token, 3),
         execute_ms_per_step=round(exec_ms, 4),
         decode_step_ms=decode_ms,
-        decode_x_roofline=round(decode_ms / roofline["roofline_ms_per_token"], 2) if decode_ms else None,
+        decode_x_roofline=round(decode_ms / floor, 2) if decode_ms else None,
+        steady_x_roofline=round(row["steady_ms_per_step"] / floor, 2) if short else None,
         host_overhead=round(ms_per_token / exec_ms, 2) if exec_ms > 0 else None,
         steady_compiles=steady.compiles,
         steady_executions=steady.executions,
@@ -435,6 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=tiny.DEFAULT_HIDDEN)
     p.add_argument("--prompt-len", type=int, default=tiny.DEFAULT_PROMPT_LEN)
     p.add_argument("--spmd", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="rows of every call (prompts of the same length)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--cache-len", type=int, default=None, help="KV cache slots of the loop variants")
     p.add_argument("--progress", default=None, help="where to write the heartbeat (phase, graphs so far)")
     return p.parse_args(argv)

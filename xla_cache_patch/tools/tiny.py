@@ -240,7 +240,7 @@ def prompt_ids(
 
 @dataclass
 class DecodeResult:
-    """New tokens (CPU, shape (1, n)), per-step host wall time and compile counts, and the cache."""
+    """New tokens (CPU, shape (batch, n)), per-step host wall time and compile counts, and the cache."""
 
     tokens: torch.Tensor
     step_seconds: list[float] = field(default_factory=list)
@@ -285,7 +285,11 @@ def decode_loop(
     if cache is None:
         length = max_cache_len or input_ids.shape[1] + new_tokens
         cache = compat.current().make_static_cache(
-            model.config, length, device=device, dtype=next(model.parameters()).dtype
+            model.config,
+            length,
+            batch_size=input_ids.shape[0],
+            device=device,
+            dtype=next(model.parameters()).dtype,
         )
     name = compat.cache_kwarg(getattr(model, "_orig_mod", model))  # a torch.compile'd model too
     x = input_ids.to(device)
