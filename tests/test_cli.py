@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -409,6 +410,17 @@ def test_probe_failures_become_failed_checks() -> None:
     assert all(c.ok for c in doctor.probe_checks(good))
 
 
+def test_generate_probe_reads_the_decision_record() -> None:
+    from xla_cache_patch.tools.bench_worker import path_of
+
+    fast, declined = SimpleNamespace(fast=True, key=None), SimpleNamespace(fast=False, key="num_beams")
+    assert path_of([]) is None and path_of([fast]) == "fast"
+    assert path_of([fast, declined]) == "fallback: num_beams"
+    [ok] = doctor.generate_checks({"path": "fast", "compiles": 2, "tokens_match_cpu": True})
+    [bad] = doctor.generate_checks({"path": "fallback: num_beams", "compiles": 40})
+    assert ok.ok and not bad.ok and "num_beams" in bad.detail and bad.fix
+
+
 @needs_xla
 @pytest.mark.xla
 @pytest.mark.slow
@@ -423,6 +435,7 @@ def test_doctor_live_probe_passes() -> None:
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert "ok    probe: no compile after warm-up" in out.stdout
     assert "ok    probe: tokens equal CPU eager" in out.stdout
+    assert "ok    probe: generate takes the fast path" in out.stdout
     assert "all checks passed" in out.stdout
 
 

@@ -401,6 +401,14 @@ def _decode_step_ms(new_tokens: int) -> float | None:
     return round(sum(samples[1:]) / (new_tokens - 1) / 1e6, 3)
 
 
+def path_of(decisions: list[Any]) -> str | None:
+    """``"fast"``, ``"fallback: <reason key>"`` for the first call that fell back, or None (no generate)."""
+    if not decisions:
+        return None
+    declined = next((d for d in decisions if not d.fast), None)
+    return "fast" if declined is None else f"fallback: {declined.key}"
+
+
 def _timed(
     args: argparse.Namespace, model: Any, ids: Any, mask: Any, new_tokens: int
 ) -> tuple[tuple[Any, list[int], Any], float, Any]:
@@ -505,7 +513,11 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
         )
         row["warmup_s"] = round(time.perf_counter() - start, 3)
     beat.phase("cold")
-    (tokens, step_compiles, cache), wall, cold = _timed(args, model, ids, mask, args.new_tokens)
+    from xla_cache_patch import fastgen
+
+    with fastgen.recorded() as decisions:  # what generate decided (loops make no generate call)
+        (tokens, step_compiles, cache), wall, cold = _timed(args, model, ids, mask, args.new_tokens)
+    row["path"] = path_of(decisions)
     met.clear_all()  # the steady call's ExecuteTime samples only (the counters below count from here)
     beat.phase("steady")
     (again, _, cache), steady_wall, steady = _timed(args, model, ids, mask, args.new_tokens)

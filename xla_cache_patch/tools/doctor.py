@@ -222,13 +222,14 @@ def check_compile_cache(environ: dict[str, str] | None = None) -> Check:
     return Check("compile cache", None, where)
 
 
-def run_probe(timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    """Decode a few tokens of the tiny Llama on XLA with the in-place patch, in a fresh process."""
+def run_probe(timeout: float = PROBE_TIMEOUT_S, variant: str = "loop-inplace") -> dict[str, Any]:
+    """Decode a few tokens of the tiny Llama on XLA with the in-place patch, in a fresh process: a
+    hand-written loop (``loop-inplace``) or the call users make (``generate-patched``)."""
     from xla_cache_patch.tools.bench import worker_env
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "probe.json")
-        cmd = [sys.executable, "-m", "xla_cache_patch.tools.bench_worker", "--variant", "loop-inplace"]
+        cmd = [sys.executable, "-m", "xla_cache_patch.tools.bench_worker", "--variant", variant]
         cmd += ["--new-tokens", str(PROBE_TOKENS), "--out", str(out)]
         try:
             proc = subprocess.run(cmd, env=worker_env(0), capture_output=True, text=True, timeout=timeout)
@@ -277,6 +278,22 @@ def probe_checks(row: dict[str, Any]) -> list[Check]:
     ]
 
 
+def generate_checks(row: dict[str, Any]) -> list[Check]:
+    """The generate probe: its decision record says whether the call took the fast path, and why not."""
+    if "error" in row:
+        return [Check("probe: generate", False, row["error"], "run `xla-cache-patch bench --new-tokens 8`")]
+    path = row.get("path")
+    return [
+        Check(
+            "probe: generate takes the fast path",
+            path == "fast",
+            f"{PROBE_TOKENS} tokens, a padded batch of 2: {path}, {row.get('compiles')} graphs, tokens "
+            f"{'match' if row.get('tokens_match_cpu') else 'DIFFER from'} CPU",
+            "" if path == "fast" else "see the WARNING it logs; xla_cache_patch.fastgen.decide() says why",
+        )
+    ]
+
+
 def collect(probe: bool = True) -> list[Check]:
     """All checks in order; the ones that depend on a missing piece are skipped, not crashed."""
     checks = [check_python(), *check_torch()]
@@ -299,6 +316,7 @@ def collect(probe: bool = True) -> list[Check]:
         checks.append(Check("live probe", None, "skipped (--no-probe)"))
     elif devices.ok and era_ok:
         checks.extend(probe_checks(run_probe()))
+        checks.extend(generate_checks(run_probe(variant="generate-patched")))
     else:
         checks.append(Check("live probe", False, "skipped: fix the failures above first", "see above"))
     return checks
