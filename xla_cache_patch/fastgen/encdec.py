@@ -97,21 +97,14 @@ def encode(model: Any, inputs: EncoderInputs, device: Any) -> Encoded:
     return Encoded(hidden, mask)
 
 
-def forward_kwargs(
-    spec: Any, encoded: Encoded, cache: Any, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor
-) -> dict[str, Any]:
-    """One decoder forward's arguments: the decoder tokens at ``slots``, over the encoder's output."""
+def decoder_inputs(encoded: Encoded, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """One decoder forward's own arguments: the decoder tokens, over the encoder's output (the loop adds
+    the cache and its positions)."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    kwargs: dict[str, Any] = {
+    return {
         "encoder_outputs": BaseModelOutput(last_hidden_state=encoded.hidden),
         "attention_mask": encoded.mask,
         "decoder_input_ids": ids,
         "decoder_attention_mask": mask,
-        spec.cache_kwarg: cache,
-        "use_cache": True,
-        "return_dict": True,
     }
-    if spec.cache_position:
-        kwargs["cache_position"] = slots
-    return kwargs

@@ -138,20 +138,14 @@ def _forward(
     """
     spec = plan.spec
     if encoded is not None:
-        kwargs = encdec.forward_kwargs(spec, encoded, cache, ids, mask, slots)
-        return model(**kwargs).logits[:, -1, :].float()
-    kwargs: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": positions,
-        spec.cache_kwarg: cache,
-        "use_cache": True,
-        "return_dict": True,
-    }
+        kwargs = encdec.decoder_inputs(encoded, ids, mask)
+    else:
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if spec.logits_kwarg is not None:
+            kwargs[spec.logits_kwarg] = 1
+    kwargs.update({spec.cache_kwarg: cache, "use_cache": True, "return_dict": True})
     if spec.cache_position:
         kwargs["cache_position"] = slots
-    if spec.logits_kwarg is not None:
-        kwargs[spec.logits_kwarg] = 1
     return model(**kwargs).logits[:, -1, :].float()
 
 

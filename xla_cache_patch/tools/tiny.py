@@ -58,66 +58,59 @@ def tiny_config(
 
 
 #: Real model shapes with random weights (no downloads): the architectures and sizes of the published
-#: configs of HuggingFaceTB/SmolLM2-135M and Qwen/Qwen2.5-0.5B, for measurements at a real size.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "smollm2-135m": (
-        "llama",
-        dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            tie_word_embeddings=True,
-            rope_theta=100000.0,
-            rms_norm_eps=1e-5,
-            max_position_embeddings=8192,
-            bos_token_id=0,
-            eos_token_id=0,
-        ),
-    ),
-    "qwen2.5-0.5b": (
-        "qwen2",
-        dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            rope_theta=1000000.0,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=32768,
-            bos_token_id=151643,
-            eos_token_id=151643,
-        ),
-    ),
-}
+#: configs of HuggingFaceTB/SmolLM2-135M and Qwen/Qwen2.5-0.5B, for measurements at a real size. One column
+#: per checkpoint.
+_DECODER_SHAPES = """
+field                    smollm2-135m  qwen2.5-0.5b
+model_type               llama         qwen2
+vocab_size               49152         151936
+hidden_size              576           896
+intermediate_size        1536          4864
+num_hidden_layers        30            24
+num_attention_heads      9             14
+num_key_value_heads      3             2
+tie_word_embeddings      True          True
+rope_theta               100000.0      1000000.0
+rms_norm_eps             1e-5          1e-6
+max_position_embeddings  8192          32768
+bos_token_id             0             151643
+eos_token_id             0             151643
+"""
+
+
+def _columns(table: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``preset -> (model_type, config fields)`` from a table with one column per preset."""
+    import ast
+
+    (_, *names), (_, *types), *rows = (line.split() for line in table.strip().splitlines())
+    return {
+        name: (types[i], {row[0]: ast.literal_eval(row[1 + i]) for row in rows})
+        for i, name in enumerate(names)
+    }
+
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = _columns(_DECODER_SHAPES)
 
 
 #: Encoder-decoder presets (built with AutoModelForSeq2SeqLM): the published config of google-t5/t5-small.
-SEQ2SEQ_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "t5-small": (
-        "t5",
-        dict(
-            vocab_size=32128,
-            d_model=512,
-            d_kv=64,
-            d_ff=2048,
-            num_layers=6,
-            num_decoder_layers=6,
-            num_heads=8,
-            relative_attention_num_buckets=32,
-            feed_forward_proj="relu",
-            tie_word_embeddings=True,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        ),
-    ),
-}
+_SEQ2SEQ_SHAPES = """
+field                           t5-small
+model_type                      t5
+vocab_size                      32128
+d_model                         512
+d_kv                            64
+d_ff                            2048
+num_layers                      6
+num_decoder_layers              6
+num_heads                       8
+relative_attention_num_buckets  32
+feed_forward_proj               "relu"
+tie_word_embeddings             True
+pad_token_id                    0
+eos_token_id                    1
+decoder_start_token_id          0
+"""
+SEQ2SEQ_PRESETS: dict[str, tuple[str, dict[str, Any]]] = _columns(_SEQ2SEQ_SHAPES)
 
 
 def preset_model(name: str, seed: int = DEFAULT_SEED) -> Any:
@@ -211,21 +204,16 @@ def load_model(name: str | None = None) -> Any:
     return AutoModelForCausalLM.from_pretrained(name, local_files_only=True).eval()
 
 
-def tiny_model(
-    layers: int = DEFAULT_LAYERS,
-    hidden: int = DEFAULT_HIDDEN,
-    seed: int = DEFAULT_SEED,
-    *,
-    kv_heads: int = NUM_KV_HEADS,
-    sliding_window: int | None = None,
-) -> Any:
-    """Random-weight Llama (or Mistral) for causal LM in eval mode; the seed makes tokens reproducible."""
+def tiny_model(*config_args: Any, seed: int = DEFAULT_SEED, **config_kwargs: Any) -> Any:
+    """Random-weight Llama (or Mistral) for causal LM in eval mode, built from ``tiny_config(*config_args,
+    **config_kwargs)``; the seed makes tokens reproducible."""
     import torch
     from transformers import LlamaForCausalLM, MistralForCausalLM
 
-    config = tiny_config(layers, hidden, kv_heads=kv_heads, sliding_window=sliding_window)
+    config = tiny_config(*config_args, **config_kwargs)
     torch.manual_seed(seed)
-    return (LlamaForCausalLM if sliding_window is None else MistralForCausalLM)(config).eval()
+    sliding = config_kwargs.get("sliding_window") is not None
+    return (MistralForCausalLM if sliding else LlamaForCausalLM)(config).eval()
 
 
 def prompt_ids(
