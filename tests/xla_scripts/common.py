@@ -104,7 +104,10 @@ def listen() -> Records:
     logger = logging.getLogger("xla_cache_patch")
     logger.addHandler(records)
     logger.setLevel(logging.DEBUG)
-    fastgen.recorded(into=records.decisions).__enter__()  # for the script's whole run
+    # For the script's whole run; the context manager is kept (were it collected, its generator would be
+    # closed and would stop the recording).
+    records.recording = fastgen.recorded(into=records.decisions)
+    records.recording.__enter__()
     return records
 
 
