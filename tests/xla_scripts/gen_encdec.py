@@ -195,7 +195,7 @@ def case_fallback(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "took": RECORDS.took(),
         "match": torch.equal(sequences(out), ref),
-        "reason": [line for line in RECORDS.lines if "Whisper" in line][:1],
+        "reason": RECORDS.reasons()[:1],
     }
 
 
@@ -235,7 +235,7 @@ def case_era(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "took": RECORDS.took(),
         "match": torch.equal(sequences(out), ref),
-        "reason": [line for line in RECORDS.lines if "falls back" in line][:1],
+        "reason": RECORDS.reasons()[:1],
     }
 
 
