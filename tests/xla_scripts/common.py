@@ -182,3 +182,25 @@ def attempt(fn: Callable[[], Any]) -> tuple[Any, dict[str, str] | None]:
         return fn(), None
     except Exception as exc:
         return None, error(exc)
+
+
+def case_parser(cases: dict[str, Callable[[Any], dict[str, Any]]]) -> Any:
+    """The scripts' command line: the case to run, then each script's own options."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=sorted(cases))
+    return parser
+
+
+def run_case(cases: dict[str, Callable[[Any], dict[str, Any]]], parser: Any) -> None:
+    """Run the case the command line names; print its result (with the transformers version) as the
+    ``RESULT {json}`` line ``tests/xla_run.py`` reads."""
+    import json
+
+    import transformers
+
+    args = parser.parse_args()
+    result = cases[args.case](args)
+    result["transformers"] = transformers.__version__
+    print("RESULT " + json.dumps(result))

@@ -14,7 +14,6 @@ XLA compiles a graph per step). The CPU reference is computed before the patch i
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from typing import Any
@@ -25,7 +24,18 @@ import transformers
 
 import xla_cache_patch
 import xla_cache_patch.fastgen
-from tests.xla_scripts.common import PAD, VOCAB, listen, on_xla, pick_eos, prompts, sequences, timed_call
+from tests.xla_scripts.common import (
+    PAD,
+    VOCAB,
+    case_parser,
+    listen,
+    on_xla,
+    pick_eos,
+    prompts,
+    run_case,
+    sequences,
+    timed_call,
+)
 from xla_cache_patch.tools import tiny
 
 RECORDS = listen()
@@ -459,18 +469,14 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=sorted(CASES))
+    ap = case_parser(CASES)
     ap.add_argument("--model", choices=["llama", "mistral"], default="llama")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--eos", action="store_true", help="pick an eos that stops row 0 early")
     ap.add_argument("--min-new-tokens", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--option", default=",".join(FALLBACK_OPTIONS), help="comma-separated FALLBACK_OPTIONS")
-    args = ap.parse_args()
-    result = CASES[args.case](args)
-    result["transformers"] = transformers.__version__
-    print("RESULT " + json.dumps(result))
+    run_case(CASES, ap)
 
 
 if __name__ == "__main__":

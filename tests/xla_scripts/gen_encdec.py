@@ -12,7 +12,6 @@ Each model gets its own process (XLA:CPU dies near 40 graphs in one process).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ import torch_xla
 import transformers
 
 import xla_cache_patch
-from tests.xla_scripts.common import compiles, on_xla, sequences
+from tests.xla_scripts.common import case_parser, compiles, on_xla, run_case, sequences
 from tests.xla_scripts.gen_cases import RECORDS
 from xla_cache_patch.tools import tiny
 
@@ -250,15 +249,11 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=sorted(CASES))
+    ap = case_parser(CASES)
     ap.add_argument("--model", choices=sorted(tiny.TINY_SEQ2SEQ), default="t5")
     ap.add_argument("--left", action="store_true", help="left-pad the short row")
     ap.add_argument("--new-tokens", type=int, default=10)
-    args = ap.parse_args()
-    result = CASES[args.case](args)
-    result["transformers"] = transformers.__version__
-    print("RESULT " + json.dumps(result))
+    run_case(CASES, ap)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import threading
 from typing import Any
 
@@ -24,7 +23,7 @@ import transformers
 
 import xla_cache_patch
 from tests.xla_scripts.chars import CHARS, tokenizer
-from tests.xla_scripts.common import PAD, compiles, on_xla, prompts, sequences
+from tests.xla_scripts.common import PAD, case_parser, compiles, on_xla, prompts, run_case, sequences
 from tests.xla_scripts.gen_cases import RECORDS, build
 from xla_cache_patch import compat
 
@@ -387,16 +386,12 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=sorted(CASES))
+    ap = case_parser(CASES)
     ap.add_argument("--model", choices=["llama", "mistral"], default="llama")
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--cache-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=2, help="prompt seed")
-    args = ap.parse_args()
-    result = CASES[args.case](args)
-    result["transformers"] = transformers.__version__
-    print("RESULT " + json.dumps(result))
+    run_case(CASES, ap)
 
 
 if __name__ == "__main__":
