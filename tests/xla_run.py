@@ -51,3 +51,14 @@ def run_script(
         f"{name} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_in_era(name: str, *args: str, era: Path | None = None, timeout: int = 900) -> dict[str, Any]:
+    """``run_script`` on XLA (skipped without torch_xla), checking the child ran the era asked for."""
+    import pytest
+
+    pytest.importorskip("torch_xla")
+    result = run_script(name, *args, era=era, timeout=timeout)
+    if era is not None:
+        assert result["transformers"] == era.name, (result["transformers"], era)
+    return result
