@@ -77,12 +77,39 @@ def test_beam_compiles_do_not_grow_with_new_tokens() -> None:
     assert counts[8] == counts[64] == [3, 0, 0, 2]
 
 
+def _check_sampling(result: dict[str, Any]) -> None:
+    assert result["took"] == ["fast"] * 6
+    assert result["step0_scores"] == [True, True]  # allclose, the same -inf set
+    assert result["reproducible"] == [True, True] and result["seed_changes"] == [True, True]
+    assert result["shape"] and result["cold_match"]
+    # prefill + decode + settle; new seeds 0; top_p switched on: a new processor set (prefill + decode);
+    # new temperature / top_k values: 0
+    assert result["compiles"] == [3, 0, 0, 2, 0, 0, 0]
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+@pytest.mark.xla
+@pytest.mark.slow
+def test_beam_sampling(beams: int) -> None:
+    """do_sample=True with beams: step-0 scores equal CPU's; seeds reproduce; temperature 0.01 (the draw
+    is the top candidates) gives CPU's tokens."""
+    _check_sampling(run_beams("sample", "--beams", str(beams)))
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+@_needs_4_46
+def test_beam_sampling_transformers_4_46() -> None:
+    result = run_beams("sample", "--beams", "2", era=ERA_4_46)
+    assert result["transformers"] == "4.46.3"
+    _check_sampling(result)
+
+
 @pytest.mark.xla
 def test_beam_calls_it_does_not_cover_fall_back_with_a_reason() -> None:
     result = run_beams("fallbacks")
     assert result["plain_fast"]
     keys = result["keys"]
-    assert keys["sample"] == "beams-sample"
     assert keys["groups"] == "num_beam_groups"
     assert keys["constraints"] == "force_words_ids"
     assert keys["max_time"] == "beams-max-time"

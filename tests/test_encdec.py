@@ -65,6 +65,26 @@ def test_compiles_per_call_for_8_and_64_new_tokens(model: str) -> None:
     assert result["compiles"] == {"8": 3, "64": 2, "again": 0}
 
 
+@pytest.mark.parametrize("model", ["t5", "t5-v1.1", "bart", "marian"])
+@pytest.mark.xla
+@pytest.mark.slow
+def test_beams_match_cpu_generate(model: str) -> None:
+    """2 and 4 beams, length penalties 0.6 / 1.0 / 2.0, each early_stopping value, num_return_sequences,
+    a processor, an eos that ends hypotheses: sequences, sequences_scores, beam indices and the number of
+    scores equal to CPU. Graphs: encoder + prefill + decode; a new length penalty none; 4 beams a new
+    encoder graph (its output repeated per beam) and decoder pair; another early_stopping value or
+    processor set the decoder pair; 64 new tokens the decoder pair of the longer cache. Beam sampling at
+    temperature 0.01 (the draw is the top candidates) gives CPU's tokens, and a seed reproduces them."""
+    result = run_case("beams", "--model", model)
+    assert result["took"] == ["fast"] * 8
+    for case in result["results"]:
+        assert case["sequences"] and case["scores"] and case["beam_indices"] and case["steps"], case
+    assert [case["compiles"] for case in result["results"]] == [3, 0, 3, 2, 2]
+    assert result["ended_early"]
+    assert result["long"] == {"compiles": 2, "shape": [2, 65]}
+    assert result["sampled"] == {"match": True, "reproducible": True}
+
+
 @pytest.mark.parametrize("model", ["t5-v1.1", "marian"])
 @pytest.mark.xla
 @pytest.mark.slow

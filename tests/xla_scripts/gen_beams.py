@@ -138,13 +138,64 @@ def case_compiles(args: argparse.Namespace) -> dict[str, Any]:
     return {"transformers": transformers.__version__, "took": took, "compiles": per_call, "results": match}
 
 
+def _same_inf(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    got = got.cpu()
+    finite = torch.isfinite(ref)
+    return torch.equal(torch.isfinite(got), finite) and torch.allclose(
+        got[finite], ref[finite], atol=1e-4, rtol=1e-4
+    )
+
+
+def case_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Beam sampling (do_sample=True, num_beams > 1): step-0 processed scores equal CPU's (allclose, the
+    same -inf set); a seed reproduces its sequences, another seed changes them; at temperature 0.01 the draw
+    is the top candidates, so the tokens equal CPU's; new warper values compile nothing."""
+    model = build("llama")
+    ids, mask = prompts(2)
+    new, beams = args.new_tokens, args.beams
+    warpers = [dict(temperature=0.7, top_k=20), dict(temperature=1.3, top_k=40, top_p=0.9)]
+    cold = dict(temperature=0.01, top_k=50)
+    kw = {**_kw(beams, new, eos_token_id=None), "do_sample": True}
+    refs = []
+    for extra in warpers:
+        torch.manual_seed(0)
+        refs.append(model.generate(ids, attention_mask=mask, **kw, **extra))
+    cold_ref = model.generate(ids, attention_mask=mask, **kw, **cold).sequences
+    on_xla(model)
+    xla_cache_patch.apply()
+    xids, xmask = ids.to(model.device), mask.to(model.device)
+    step0, per_call, took, runs = [], [], [], []
+    for extra, ref in zip(warpers, refs, strict=True):
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            before = compiles()
+            with xla_cache_patch.fastgen.recorded() as decisions:
+                got = model.generate(xids, attention_mask=xmask, **kw, **extra)
+            per_call.append(compiles() - before)
+            took += ["fast" if d.fast else str(d) for d in decisions]
+            runs.append(got.sequences.cpu())
+        step0.append(_same_inf(got.scores[0], ref.scores[0]))
+    before = compiles()
+    cold_got = model.generate(xids, attention_mask=xmask, **kw, **cold).sequences.cpu()
+    per_call.append(compiles() - before)
+    return {
+        "transformers": transformers.__version__,
+        "took": took,
+        "step0_scores": step0,
+        "reproducible": [torch.equal(runs[i], runs[i + 1]) for i in (0, 3)],
+        "seed_changes": [not torch.equal(runs[i], runs[i + 2]) for i in (0, 3)],
+        "shape": list(runs[0].shape) == list(refs[0].sequences.shape),
+        "cold_match": torch.equal(cold_got, cold_ref),
+        "compiles": per_call,
+    }
+
+
 def case_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     """What beam search does not cover falls back, with its reason (planning only: nothing runs)."""
     model = on_xla(build("llama"))
     ids, mask = prompts(2)
     xids, xmask = ids.to(model.device), mask.to(model.device)
     calls = {
-        "sample": dict(do_sample=True),
         "groups": dict(num_beam_groups=2, diversity_penalty=1.0),
         "constraints": dict(force_words_ids=[[5]]),
         "return_sequences": dict(num_return_sequences=3),
@@ -165,13 +216,14 @@ def case_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["match", "compiles", "fallbacks"])
+    parser.add_argument("case", choices=["match", "compiles", "sample", "fallbacks"])
     parser.add_argument("--beams", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--one-eos", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = {"match": case_match, "compiles": case_compiles, "fallbacks": case_fallbacks}[args.case](args)
+    cases = {"match": case_match, "compiles": case_compiles, "sample": case_sample, "fallbacks": case_fallbacks}
+    result = cases[args.case](args)
     print("RESULT " + json.dumps(result))
 
 

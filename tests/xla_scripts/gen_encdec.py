@@ -238,7 +238,60 @@ def case_era(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def case_beams(args: argparse.Namespace) -> dict[str, Any]:
+    """Beam search (2 and 4 beams, length penalties, early_stopping values, an eos that ends hypotheses):
+    tokens, sequences_scores and beam indices equal to CPU; one encoder, prefill and decode graph per call
+    shape, new length penalties none."""
+    from tests.xla_scripts.gen_beams import _same
+
+    model = tiny.tiny_seq2seq(args.model)
+    ids, mask = inputs(model)
+    base = dict(**_base(model, args.new_tokens), return_dict_in_generate=True, output_scores=True)
+    free = model.generate(ids, attention_mask=mask, **base, num_beams=4, eos_token_id=None)
+    eos = pick_eos(free.sequences)
+    sets = [
+        dict(num_beams=2, length_penalty=1.0, early_stopping=True),
+        dict(num_beams=2, length_penalty=0.6, early_stopping=True),
+        dict(num_beams=4, length_penalty=2.0, early_stopping=False),
+        dict(num_beams=4, length_penalty=0.6, early_stopping="never", num_return_sequences=2),
+        dict(num_beams=4, length_penalty=1.0, early_stopping=False, no_repeat_ngram_size=2),
+    ]
+    refs = [model.generate(ids, attention_mask=mask, **base, eos_token_id=eos, **extra) for extra in sets]
+    sampled_kw = {**_base(model, args.new_tokens), "num_beams": 2, "eos_token_id": eos, "do_sample": True}
+    sampled_kw.update(temperature=0.01, top_k=50)
+    sampled_ref = model.generate(ids, attention_mask=mask, **sampled_kw)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    results = []
+    for extra, ref in zip(sets, refs, strict=True):
+        before = compiles()
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), **base, eos_token_id=eos, **extra)
+        torch_xla.sync()
+        results.append({"options": repr(extra), **_same(out, ref), "compiles": compiles() - before})
+    ended = any(bool((r.sequences[:, 1:-1] == eos).any()) for r in refs)
+    # 64 new tokens (eos off: every step runs): the decoder graphs of a longer cache, the encoder's reused
+    long_kw = dict(**_base(model, 64), num_beams=4, early_stopping="never", eos_token_id=None)
+    before = compiles()
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), **long_kw)
+    torch_xla.sync()
+    long_compiles = compiles() - before
+    # beam sampling: at temperature 0.01 the draw is the top candidates (tokens = CPU); a seed reproduces
+    runs = []
+    for seed in (0, 0):
+        torch.manual_seed(seed)
+        runs.append(sequences(model.generate(ids.to(device), attention_mask=mask.to(device), **sampled_kw)))
+    return {
+        "took": RECORDS.took(),
+        "results": results,
+        "ended_early": ended,
+        "long": {"compiles": long_compiles, "shape": list(sequences(out).shape)},
+        "sampled": {"match": torch.equal(runs[0], sampled_ref), "reproducible": torch.equal(*runs)},
+    }
+
+
 CASES = {
+    "beams": case_beams,
     "era": case_era,
     "scores": case_scores,
     "greedy": case_greedy,

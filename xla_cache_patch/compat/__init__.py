@@ -121,6 +121,11 @@ class Adapter:
             return int(buffers[0].shape[2]) if buffers else None
         return self.storage.capacity(cache)
 
+    def beam_buffers(self, cache: Any) -> list[Any]:
+        """The buffers a beam reorder moves: an encoder-decoder cache's self-attention part only (its
+        cross-attention part holds the same encoder output in every beam of a prompt)."""
+        return self.cache_buffers(cache_parts(cache)[0])
+
     def cache_batch_size(self, cache: Any) -> int | None:
         from xla_cache_patch.compat._storage import batch_size
 

@@ -39,6 +39,9 @@ class Beams:
     # Value of output slots after a hypothesis ends (transformers' fill / pad token).
     # (best_of_candidates also marks the era whose hypotheses end with eos_token_id[0]: see finalize.)
     fill: int
+    # do_sample=True: the T candidates are drawn without replacement (transformers' multinomial over
+    # softmax(beam scores + processed log-probs)), then sorted by score.
+    sample: bool = False
 
     def keep(self, n_eos: int) -> int:
         """T: candidates kept per prompt and step (transformers' beams_to_keep / n_tokens_to_keep)."""
@@ -101,6 +104,18 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
+def _candidates(total: torch.Tensor, keep: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T best continuations [B, T] by score, or T drawn without replacement in proportion to
+    softmax(total), best first (torch's own multinomial without replacement is this exponential race:
+    top-k of p / Exp(1); here in log space, on the XLA RNG)."""
+    if not sample:
+        return total.topk(keep, dim=-1)
+    race = (-torch.log(torch.rand_like(total).clamp(min=1e-20))).clamp(min=1e-20)  # Exp(1)
+    drawn = (total - torch.log(race)).topk(keep, dim=-1).indices
+    scores, order = torch.take_along_dim(total, drawn, dim=-1).sort(dim=-1, descending=True)
+    return scores, torch.take_along_dim(drawn, order, dim=-1)
+
+
 def step(
     beams: Beams,
     logits: torch.Tensor,
@@ -126,7 +141,7 @@ def step(
     log_probs = process(torch.log_softmax(logits, dim=-1), view)
     total = (log_probs.view(batch, k, vocab) + state.running_scores[:, :, None]).view(batch, k * vocab)
     keep = beams.keep(0 if eos is None else eos.shape[0])
-    top_scores, top = total.topk(keep, dim=-1)
+    top_scores, top = _candidates(total, keep, beams.sample)
     parent, tokens = top // vocab, top % vocab  # [B, T]
     length = produced_slot - consts.ints[0:1] + 1  # [1] tokens generated with this one
     column = length - 1

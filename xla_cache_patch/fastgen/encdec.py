@@ -7,7 +7,9 @@ positions are the cache slots), with an ``EncoderDecoderCache`` of two static ca
 adapter. The self-attention cache is written every step; the cross-attention cache (exactly the encoder
 bucket long) is written at the first decoder step, after which the layers' ``is_updated`` flags make them
 read it back: the first step is its own graph (the prefill), every later one the same (replayed).
-Everything here is per call and per row, so beam search can reuse it with the rows expanded.
+With beams or ``num_return_sequences`` the encoder runs on the prompts once and its output is repeated
+per row in the same graph (as transformers expands ``encoder_outputs``); a beam reorder moves the
+self-attention cache only, the cross-attention one being the same in every beam of a prompt.
 """
 
 from __future__ import annotations
@@ -35,20 +37,28 @@ class EncoderInputs:
     mask: torch.Tensor  # [B, E] the user's mask then zeros
     length: int  # the user's input length (before the bucket padding)
     decoder_start: int
+    repeat: int = 1  # decoder rows per prompt (num_beams or num_return_sequences)
 
     @classmethod
-    def pad(cls, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, decoder_start: int) -> EncoderInputs:
+    def pad(
+        cls, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, decoder_start: int, repeat: int = 1
+    ) -> EncoderInputs:
         batch, length = ids.shape
         bucket = prompt_bucket(length)
         padded = torch.full((batch, bucket), pad_id, dtype=torch.int64)
         padded[:, :length] = ids
         padded_mask = torch.zeros((batch, bucket), dtype=torch.int64)
         padded_mask[:, :length] = mask
-        return cls(padded, padded_mask, length, decoder_start)
+        return cls(padded, padded_mask, length, decoder_start, repeat)
+
+    @property
+    def rows(self) -> int:
+        """Decoder rows: every prompt ``repeat`` times."""
+        return self.ids.shape[0] * self.repeat
 
     def decoder_ids(self) -> torch.Tensor:
-        """[B, 1] what transformers starts the decoder with (and returns first in ``sequences``)."""
-        return torch.full((self.ids.shape[0], 1), self.decoder_start, dtype=torch.int64)
+        """[rows, 1] what transformers starts the decoder with (and returns first in ``sequences``)."""
+        return torch.full((self.rows, 1), self.decoder_start, dtype=torch.int64)
 
 
 @dataclass
@@ -81,18 +91,21 @@ def make_cache(
         model.config,
         cache_len,
         inputs.ids.shape[1],
-        batch_size=inputs.ids.shape[0],
+        batch_size=inputs.rows,
         device=device,
         dtype=model.dtype,
     )
 
 
 def encode(model: Any, inputs: EncoderInputs, device: Any) -> Encoded:
-    """Run the encoder once (its own graph per bucket, executed here)."""
+    """Run the encoder once on the prompts (its own graph per bucket and repeat, executed here)."""
     import torch_xla
 
     ids, mask = inputs.ids.to(device), inputs.mask.to(device)
     hidden = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+    if inputs.repeat > 1:
+        hidden = hidden.repeat_interleave(inputs.repeat, dim=0)
+        mask = mask.repeat_interleave(inputs.repeat, dim=0)
     torch_xla.sync()
     return Encoded(hidden, mask)
 

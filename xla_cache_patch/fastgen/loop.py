@@ -295,7 +295,7 @@ def _decode(model: Any, plan: Plan, cache: Any, state: _State, consts: _Constant
     produced_slot = state.slot + 1
     scores, alive, origin = _select(logits, state, produced_slot, plan, consts)
     if origin is not None:  # beams: the KV rows follow their beams, in place, in this graph
-        beam_search.reorder_cache(compat.current().cache_buffers(cache), origin)
+        beam_search.reorder_cache(compat.current().beam_buffers(cache), origin)
     state.position = state.position + 1
     state.slot = produced_slot
     return _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)

@@ -593,11 +593,16 @@ def _layout(length: int, max_new: int, cache: Any | None, held: int = 0) -> tupl
     return bucket, capacity
 
 
-def _expand(config: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """num_return_sequences (or num_beams for beam search): each row repeated in place, as transformers'
-    _expand_inputs_for_generation."""
+def _rows_per_prompt(config: Any) -> int:
+    """num_beams for beam search, else num_return_sequences: transformers' expand_size."""
     beams = int(config.num_beams or 1)
-    count = beams if beams > 1 else int(config.num_return_sequences or 1)
+    return beams if beams > 1 else int(config.num_return_sequences or 1)
+
+
+def _expand(config: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row repeated in place ``_rows_per_prompt`` times, as transformers'
+    _expand_inputs_for_generation."""
+    count = _rows_per_prompt(config)
     if count == 1:
         return ids, mask
     return ids.repeat_interleave(count, dim=0), mask.repeat_interleave(count, dim=0)
@@ -633,7 +638,7 @@ def _stop_strings(config: Any, tokenizer: Any, eos: tuple[int, ...]) -> Any | No
 
 
 _BEAM_FIX = (
-    "Beam search takes the fast path greedy (do_sample=False) and without streamers, stopping_criteria, "
+    "Beam search takes the fast path without streamers, stopping_criteria, "
     f"max_time, stop_strings or a cache object. {_DOCS_FIX}"
 )
 
@@ -647,7 +652,6 @@ def _beams(model: Any, config: Any, hooks: _Hooks, eos: tuple[int, ...], pad: in
     def refuse(condition: bool, what: str, key: str) -> None:
         _require(not condition, f"beam search (num_beams={num_beams}) with {what}", key, _BEAM_FIX)
 
-    refuse(bool(config.do_sample), "do_sample=True (beam sampling)", "beams-sample")
     refuse(hooks.streamer is not None, "a streamer (transformers raises)", "beams-streamer")
     refuse(bool(hooks.criteria), "stopping_criteria", "beams-stopping-criteria")
     refuse(getattr(config, "max_time", None) is not None, "max_time", "beams-max-time")
@@ -672,6 +676,7 @@ def _beams(model: Any, config: Any, hooks: _Hooks, eos: tuple[int, ...], pad: in
         num_return=count,
         best_of_candidates=not vectorized,
         fill=fill,
+        sample=bool(config.do_sample),
     )
 
 
@@ -726,11 +731,13 @@ def plan_request(
     beams = _beams(model, config, hooks, eos, pad)
     cpu_ids = ids.to("cpu", torch.int64)
     mask = _attention_mask(model_kwargs, cpu_ids, eos, pad, right_padding=spec.encoder_decoder)
-    cpu_ids, mask = _expand(config, cpu_ids, mask)
     encoder = None
-    if spec.encoder_decoder:
+    if spec.encoder_decoder:  # the encoder runs on the prompts; the decoder's rows are expanded
         encoder = _encoder_inputs(model, config, cpu_ids, mask, pad)
-        cpu_ids, mask = encoder.decoder_ids(), torch.ones((cpu_ids.shape[0], 1), dtype=torch.int64)
+        cpu_ids = encoder.decoder_ids()
+        mask = torch.ones_like(cpu_ids)
+    else:
+        cpu_ids, mask = _expand(config, cpu_ids, mask)
     cache = _user_cache(model, model_kwargs, config, policy)
     _require(
         encoder is None or cache is None,
@@ -739,12 +746,6 @@ def plan_request(
         "Pass cache_implementation='static' (the fast path builds the EncoderDecoderCache), no cache object.",
     )
     _require(beams is None or cache is None, "beam search with a cache object", "beams-cache", _BEAM_FIX)
-    _require(
-        beams is None or encoder is None,
-        "beam search with an encoder-decoder model",
-        "beams-encoder-decoder",
-        "Beam search takes the fast path on decoder-only models; greedy and sampling on this one.",
-    )
     model_kwargs.pop("use_cache", None)
     leftover = sorted(
         name for name, value in model_kwargs.items() if value is not None and value is not False
@@ -804,4 +805,4 @@ def _encoder_inputs(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tens
         "decoder_start_token_id",
         "Set generation_config.decoder_start_token_id to one token id.",
     )
-    return encdec.EncoderInputs.pad(ids, mask, pad, start)
+    return encdec.EncoderInputs.pad(ids, mask, pad, start, repeat=_rows_per_prompt(config))
