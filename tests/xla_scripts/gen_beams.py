@@ -222,7 +222,12 @@ def main() -> None:
     parser.add_argument("--one-eos", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cases = {"match": case_match, "compiles": case_compiles, "sample": case_sample, "fallbacks": case_fallbacks}
+    cases = {
+        "match": case_match,
+        "compiles": case_compiles,
+        "sample": case_sample,
+        "fallbacks": case_fallbacks,
+    }
     result = cases[args.case](args)
     print("RESULT " + json.dumps(result))
 

@@ -266,7 +266,9 @@ def case_beams(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     for extra, ref in zip(sets, refs, strict=True):
         before = compiles()
-        out = model.generate(ids.to(device), attention_mask=mask.to(device), **base, eos_token_id=eos, **extra)
+        out = model.generate(
+            ids.to(device), attention_mask=mask.to(device), **base, eos_token_id=eos, **extra
+        )
         torch_xla.sync()
         results.append({"options": repr(extra), **_same(out, ref), "compiles": compiles() - before})
     ended = any(bool((r.sequences[:, 1:-1] == eos).any()) for r in refs)
