@@ -69,7 +69,7 @@ def test_bench_arguments_parse() -> None:
     assert args.spmd == 4
     defaults = cli.build_parser().parse_args(["bench"])
     assert defaults.new_tokens == [8, 32, 128]
-    assert defaults.variants == list(bench.VARIANTS)
+    assert defaults.variants == list(bench.DEFAULT_VARIANTS)
     assert (defaults.batch, defaults.dtype) == ([1], "float32")
     sized = cli.build_parser().parse_args(["bench", "--batch", "1,8,32", "--dtype", "bfloat16"])
     assert (sized.batch, sized.dtype) == ([1, 8, 32], "bfloat16")

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xla_cache_patch.compat import installed_version
-from xla_cache_patch.tools.bench_worker import CHAT_CALL, DTYPES, VARIANTS
-from xla_cache_patch.tools.tiny import PRESETS
+from xla_cache_patch.tools.bench_worker import CHAT_CALL, DEFAULT_VARIANTS, DTYPES, ENCDEC_VARIANTS, VARIANTS
+from xla_cache_patch.tools.tiny import PRESETS, SEQ2SEQ_PRESETS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
 STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
@@ -208,7 +208,13 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
 
 
 #: Each patched generate variant and the stock one it is compared with (same call, same length).
-STOCK_OF = {"generate-patched": "generate-stock", "generate-chat-config": "generate-stock-chat-config"}
+STOCK_OF = {
+    "generate-patched": "generate-stock",
+    "generate-chat-config": "generate-stock-chat-config",
+    "generate-beams": "generate-stock-beams",
+    "generate-encdec": "generate-stock-encdec",
+    "generate-encdec-beams": "generate-stock-encdec-beams",
+}
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[str]:
@@ -481,6 +487,18 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def _model_mismatch(model: str | None, variants: list[str]) -> str | None:
+    """A preset of the wrong kind for a variant: the encdec variants need an encoder-decoder model, the
+    others a decoder-only one (without --model each has its own tiny default)."""
+    encdec = [v for v in variants if v in ENCDEC_VARIANTS]
+    if model in SEQ2SEQ_PRESETS and len(encdec) < len(variants):
+        other = [v for v in variants if v not in ENCDEC_VARIANTS]
+        return f"--model {model} is an encoder-decoder model: run {', '.join(other)} with another --model"
+    if model in PRESETS and encdec:
+        return f"--model {model} is decoder-only: run {', '.join(encdec)} with --model t5-small"
+    return None
+
+
 def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     """Entry point of the subcommand; exit 1 when a row failed or tokens differ from CPU eager."""
     out = stdout or sys.stdout
@@ -490,12 +508,17 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         except MissingPlotDependency as exc:
             print(f"xla-cache-patch bench: {exc}", file=sys.stderr)
             return 2
-    if args.model and args.model not in PRESETS and not Path(args.model).is_dir():
+    presets = {**PRESETS, **SEQ2SEQ_PRESETS}
+    if args.model and args.model not in presets and not Path(args.model).is_dir():
         print(
             f"xla-cache-patch bench: --model {args.model}: not a local checkpoint directory nor a preset "
-            f"({', '.join(PRESETS)})",
+            f"({', '.join(presets)})",
             file=sys.stderr,
         )
+        return 2
+    mismatch = _model_mismatch(args.model, args.variants)
+    if mismatch:
+        print(f"xla-cache-patch bench: {mismatch}", file=sys.stderr)
         return 2
     jobs = plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap, tuple(args.batch))
     rows = run_jobs(jobs, args)
@@ -563,8 +586,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variants",
         type=_csv_variants,
-        default=",".join(VARIANTS),
-        help="comma-separated subset of %(default)s",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated variants (default: %(default)s); also "
+        + ",".join(v for v in VARIANTS if v not in DEFAULT_VARIANTS),
     )
     p.add_argument("--json", metavar="PATH", help="write environment and rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of compiles and ms/token (needs matplotlib)")
@@ -572,7 +596,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PATH|PRESET",
         help="a local checkpoint, or a preset with real shapes and random weights (smollm2-135m, "
-        "qwen2.5-0.5b), instead of the tiny Llama",
+        "qwen2.5-0.5b; t5-small for the encdec variants), instead of the tiny Llama (tiny T5)",
     )
     p.add_argument("--layers", type=int, default=2, help="layers of the tiny default model")
     p.add_argument(

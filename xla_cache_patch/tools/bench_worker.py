@@ -25,7 +25,7 @@ from xla_cache_patch import compat, metrics
 from xla_cache_patch.metrics import count_compiles
 from xla_cache_patch.tools import tiny
 
-VARIANTS = (
+DEFAULT_VARIANTS = (
     "generate-stock",
     "generate-patched",
     "generate-warmed",
@@ -37,6 +37,18 @@ VARIANTS = (
     "loop-functional",
     "loop-dynamo",
 )
+# Beam search (4 beams) on the decoder-only model, and an encoder-decoder model (greedy and 4 beams): asked
+# for by name (not in the default run). The encoder-decoder ones run --model if it is one (t5-small), else
+# the tiny T5.
+BEAM_VARIANTS = ("generate-stock-beams", "generate-beams")
+ENCDEC_VARIANTS = (
+    "generate-stock-encdec",
+    "generate-encdec",
+    "generate-stock-encdec-beams",
+    "generate-encdec-beams",
+)
+VARIANTS = DEFAULT_VARIANTS + BEAM_VARIANTS + ENCDEC_VARIANTS
+NUM_BEAMS = 4
 # The call users make: the generation config's eos, a left-padded batch of 2 with its attention mask,
 # no cache argument. generate-stock-noeos is the narrower call earlier tables used (batch 1, no eos,
 # cache_implementation="static").
@@ -46,7 +58,14 @@ VARIANTS = (
 # (sampling, top-k/top-p, repetition penalty, two eos ids), seeded: XLA's RNG is not CPU's, so its tokens
 # are compared between the cold and the steady call, not with CPU.
 CHAT_CALL = ("generate-stock-chat-config", "generate-chat-config")
-USER_CALL = ("generate-stock", "generate-patched", "generate-warmed", *CHAT_CALL)
+USER_CALL = (
+    "generate-stock",
+    "generate-patched",
+    "generate-warmed",
+    *CHAT_CALL,
+    *BEAM_VARIANTS,
+    *ENCDEC_VARIANTS,
+)
 #: Qwen/Qwen2.5-0.5B-Instruct's generation_config.json (its decoding options).
 CHAT_CONFIG: dict[str, Any] = {
     "do_sample": True,
@@ -61,6 +80,9 @@ PATCH_MODE = {
     "generate-patched": "inplace",
     "generate-warmed": "inplace",
     "generate-chat-config": "inplace",
+    "generate-beams": "inplace",
+    "generate-encdec": "inplace",
+    "generate-encdec-beams": "inplace",
     "loop-inplace": "inplace",
     "loop-functional": "functional",
 }
@@ -132,6 +154,11 @@ def _load_model(args: argparse.Namespace) -> Any:
     import torch
 
     dtype = getattr(torch, args.dtype)
+    if args.variant in ENCDEC_VARIANTS:
+        model = tiny.load_model(args.model) if args.model else tiny.tiny_seq2seq("t5")
+        if not model.config.is_encoder_decoder:
+            raise ValueError(f"{args.variant} needs an encoder-decoder --model (t5-small), not {args.model}")
+        return model.to(dtype)
     if not args.model:
         # SPMD splits the cache on kv heads: give every head its own K/V (4 of them) so 4 devices can.
         kv_heads = tiny.NUM_HEADS if args.spmd else tiny.NUM_KV_HEADS
@@ -213,6 +240,8 @@ def _run(
         torch.manual_seed(CHAT_SEED)  # the fast path seeds XLA's RNG from torch's
     else:
         kwargs["do_sample"] = False
+    if variant.endswith("-beams"):
+        kwargs["num_beams"] = NUM_BEAMS
     if variant not in USER_CALL:
         kwargs["cache_implementation"] = "static"
     if mask is not None:
@@ -287,31 +316,44 @@ def matmul_rate(size: int = 1024, repeats: int = 5, dtype: Any = None) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def step_cost(model: Any, batch: int, position: float) -> tuple[float, float]:
+def step_cost(model: Any, batch: int, position: float, cross_keys: int = 0) -> tuple[float, float]:
     """(bytes read, FLOPs) of one decode step of ``batch`` rows whose keys reach ``position``.
 
-    Bytes: every weight once, plus K and V up to the position. FLOPs: two per weight of every linear
-    layer (the output layer included) and row, plus attention's two products over the keys.
+    Bytes: every weight once (an encoder-decoder's decoder and shared embeddings), plus K and V up to the
+    position (and the ``cross_keys`` of cross attention). FLOPs: two per weight of every linear layer
+    (the output layer included, the encoder's not) and row, plus attention's two products over the keys.
     """
     import torch
 
     config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    encoder = model.get_encoder() if config.is_encoder_decoder else None
+    in_encoder = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    decoder_params = {id(p): p for p in model.parameters() if id(p) not in in_encoder}
+    shared = getattr(model, "get_input_embeddings", lambda: None)()
+    if shared is not None:  # tied / shared embeddings: also the decoder's (one row read per token)
+        decoder_params.setdefault(id(shared.weight), shared.weight)
+    weights = sum(p.numel() * p.element_size() for p in decoder_params.values())
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     element = next(model.parameters()).element_size()
-    layers = config.num_hidden_layers
-    kv_bytes = 2 * layers * kv_heads * head_dim * element * batch * position
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    attention = 2 * 2 * layers * heads * head_dim * position * batch
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+    layers = layers or config.num_hidden_layers
+    keys = position + cross_keys
+    kv_bytes = 2 * layers * kv_heads * head_dim * element * batch * keys
+    linear = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in in_encoder
+    )
+    attention = 2 * 2 * layers * heads * head_dim * keys * batch
     return weights + kv_bytes, 2 * linear * batch + attention
 
 
-def _roofline(model: Any, batch: int, position: float) -> dict[str, Any]:
+def _roofline(model: Any, batch: int, position: float, cross_keys: int = 0) -> dict[str, Any]:
     """The floor of a decode step: the slower of reading its bytes at the stream bandwidth and doing
     its FLOPs at the rate of a large dot, both measured here on this device in the model's dtype."""
-    step_bytes, flops = step_cost(model, batch, position)
+    step_bytes, flops = step_cost(model, batch, position, cross_keys)
     bandwidth = stream_bandwidth()
     rate = matmul_rate(dtype=next(model.parameters()).dtype)
     memory_ms, compute_ms = 1000 * step_bytes / bandwidth, 1000 * flops / rate
@@ -536,8 +578,12 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
             steady_ms_per_step=step,
             tokens_per_s=_per_s(args.batch, step),
         )
-    position = args.prompt_len + ((short or 0) + args.new_tokens) / 2  # the steady steps' average
-    roofline = _roofline(model, args.batch, position)
+    # the steady steps' average position; an encoder-decoder's decoder starts from one token and
+    # attends to the prompt through cross attention
+    prompt = 1 if model.config.is_encoder_decoder else args.prompt_len
+    position = prompt + ((short or 0) + args.new_tokens) / 2
+    rows = args.batch * (NUM_BEAMS if args.variant.endswith("-beams") else 1)
+    roofline = _roofline(model, rows, position, args.prompt_len if prompt == 1 else 0)
     ms_per_token = 1000 * steady_wall / args.new_tokens
     floor = roofline["roofline_ms_per_token"]
     row.update(
