@@ -372,7 +372,7 @@ def case_dots(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
     cases = []
-    for rows in (1, 2, 3, 4, 9, 16, 17):
+    for rows in (1, 2, 3, 4, 9, 16, 17, 32, 33):
         x = torch.randn(rows, 1, 64, generator=gen)
         cases += [(x, b, original(x, weight, b)) for b in (None, bias)]  # stock's products, before the block
     worst = 0.0
@@ -453,6 +453,41 @@ def case_dots_thread(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def case_bfloat16(args: argparse.Namespace) -> dict[str, Any]:
+    """bfloat16 weights (transformers 5's default load dtype): the fast path against stock generate on the
+    same XLA device, and both against CPU bfloat16, for several prompt sets (greedy, a padded batch)."""
+    model = build(args.model).to(torch.bfloat16)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=args.new_tokens, do_sample=False, cache_implementation="static", pad_token_id=PAD
+    )
+    sets = [prompts(args.batch, seed=seed) for seed in range(1, 1 + args.repeats)]
+    cpu = [model.generate(ids, attention_mask=mask, **kwargs) for ids, mask in sets]
+    model = on_xla(model)
+    device = torch_xla.device()
+    stock = [
+        model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs).cpu() for ids, mask in sets
+    ]
+    xla_cache_patch.apply()
+    fast = [
+        sequences(model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs))
+        for ids, mask in sets
+    ]
+    return {
+        "took": RECORDS.took(),
+        "fast_is_xla_stock": [torch.equal(f, x) for f, x in zip(fast, stock, strict=True)],
+        "xla_stock_is_cpu": [torch.equal(x, c) for x, c in zip(stock, cpu, strict=True)],
+        "fast_is_cpu": [torch.equal(f, c) for f, c in zip(fast, cpu, strict=True)],
+        # the first new token where XLA and CPU part (per row; -1: never)
+        "first_cpu_difference": [
+            [
+                next((i for i, (a, b) in enumerate(zip(x[r], c[r], strict=True)) if a != b), -1)
+                for r in range(len(c))
+            ]
+            for x, c in zip(stock, cpu, strict=True)
+        ],
+    }
+
+
 CASES = {
     "dots": case_dots,
     "dots-thread": case_dots_thread,
@@ -465,6 +500,7 @@ CASES = {
     "function-form": case_function_form,
     "user-cache": case_user_cache,
     "replay": case_replay,
+    "bfloat16": case_bfloat16,
 }
 
 
@@ -475,6 +511,7 @@ def main() -> None:
     ap.add_argument("--eos", action="store_true", help="pick an eos that stops row 0 early")
     ap.add_argument("--min-new-tokens", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=4, help="prompt sets (bfloat16)")
     ap.add_argument("--option", default=",".join(FALLBACK_OPTIONS), help="comma-separated FALLBACK_OPTIONS")
     run_case(CASES, ap)
 
