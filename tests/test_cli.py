@@ -575,3 +575,19 @@ def test_bench_accepts_a_preset_and_refuses_an_unknown_model(capsys: pytest.Capt
     assert cli.main(["bench", "--model", "not-a-preset-nor-a-dir", "--variants", "loop-stock"]) == 2
     err = capsys.readouterr().err
     assert "smollm2-135m" in err and "qwen2.5-0.5b" in err
+
+
+def test_bench_refuses_a_model_of_the_wrong_kind_for_a_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    """The encdec variants need an encoder-decoder model, the others a decoder-only one: said before any
+    worker starts."""
+    from xla_cache_patch.tools import bench
+
+    assert cli.main(["bench", "--model", "t5-small", "--variants", "generate-encdec,loop-stock"]) == 2
+    assert "loop-stock with another --model" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", "smollm2-135m", "--variants", "generate-encdec-beams"]) == 2
+    assert "generate-encdec-beams with --model t5-small" in capsys.readouterr().err
+    assert bench._model_mismatch("t5-small", ["generate-encdec", "generate-stock-encdec-beams"]) is None
+    assert bench._model_mismatch(None, ["generate-encdec", "generate-beams"]) is None  # their tiny defaults
+    parsed = cli.build_parser().parse_args(["bench", "--variants", "generate-beams,generate-encdec"])
+    assert parsed.variants == ["generate-beams", "generate-encdec"]
+    assert "generate-beams" not in bench.DEFAULT_VARIANTS  # asked for by name
