@@ -560,6 +560,8 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
     with fastgen.recorded() as decisions:  # what generate decided (loops make no generate call)
         (tokens, step_compiles, cache), wall, cold = _timed(args, model, ids, mask, args.new_tokens)
     row["path"] = path_of(decisions)
+    # kept in the heartbeat too: a worker that dies in a later call still reports its cold call
+    beat.state["cold"] = {"compiles": cold.compiles, "executions": cold.executions, "wall_s": round(wall, 3)}
     met.clear_all()  # the steady call's ExecuteTime samples only (the counters below count from here)
     beat.phase("steady")
     (again, _, cache), steady_wall, steady = _timed(args, model, ids, mask, args.new_tokens)
