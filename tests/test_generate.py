@@ -122,6 +122,26 @@ def test_replayed_decode_step_matches_traced_one() -> None:
     assert traced["compiles"] <= 1  # the traced step is the graph the replay compiled, or one more variant
 
 
+#: Whole-buffer copies of one layer's K and V in XLA:CPU's optimized decode step (torch_xla 2.9): V's
+#: update feeds the output and the attention dot, so XLA copies V twice, as in a lazy-sync step and in
+#: dynamo's. With the results in state order XLA swapped K and V between their buffers: 5.
+EXPECTED_KV_COPIES_PER_LAYER = 2
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_replayed_decode_step_updates_the_kv_cache_in_place(tmp_path: Path) -> None:
+    """XLA's optimized HLO of the replayed decode step copies each layer's KV buffers as often as a
+    lazy-sync step does, not to swap a layer's K and V between their donated buffers (issue #19)."""
+    pytest.importorskip("torch_xla")
+    flags = f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"
+    args = ("aliasing", "--batch", "3", "--new-tokens", "12")
+    result = run_script("gen_cases.py", *args, env={"XLA_FLAGS": flags})
+    assert result["took"] == ["fast"] and result["match"]
+    assert result["compiles"] == result["modules"] == 3  # prefill, decode step, the returned cache's settle
+    assert result["copies_per_layer"] == EXPECTED_KV_COPIES_PER_LAYER, result
+
+
 @pytest.mark.xla
 @pytest.mark.slow
 def test_sampling_seeded_valid_and_stops_at_eos() -> None:
@@ -282,6 +302,36 @@ def test_replay_falls_back_to_tracing_when_a_private_api_is_missing(monkeypatch:
     finally:
         monkeypatch.undo()
         replay.missing_private_api.cache_clear()
+
+
+def test_replay_lists_results_in_the_order_of_the_inputs_they_overwrite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """XLA pairs donated inputs with results by size, in order: the replay lists the written state in the
+    order the graph walk numbers their inputs (issue #19). A fake walk that meets each layer's V before
+    its K, as torch_xla's does, and one state tensor the step writes without reading."""
+    pytest.importorskip("torch_xla")
+    import types
+
+    from xla_cache_patch.fastgen import replay
+
+    names = ["token", "k0", "v0", "k1", "v1", "fresh"]  # state order; "fresh" is written, never read
+    reads = {"token": ["token", "v0", "k0", "v1", "k1"], "k0": ["k0"], "v0": ["v0"], "k1": ["k1"]}
+    reads.update(v1=["v1"], fresh=[], flag=["token"])
+    outputs = [types.SimpleNamespace(name=n) for n in names]
+    walks: list[list[str]] = []
+
+    def device_data(roots: list[types.SimpleNamespace]) -> tuple[list[int], list[None]]:
+        walks.append([r.name for r in roots])
+        params = list(dict.fromkeys(p for r in roots for p in reads[r.name]))
+        return [names.index(p) for p in params], [None] * len(params)
+
+    monkeypatch.setattr(replay, "_X", types.SimpleNamespace(_get_tensors_xla_device_data_node=device_data))
+    input_index = {i: i for i in range(len(names))}  # a parameter's tensor id is the state index here
+    aux = [types.SimpleNamespace(name="flag")]
+    order = replay._donor_order(list(range(len(names))), outputs, aux, input_index)
+    assert [names[i] for i in order] == ["token", "v0", "k0", "v1", "k1", "fresh"]
+    assert walks[-1] == ["token", "v0", "k0", "v1", "k1", "fresh", "flag"]  # stable: the last walk agreed
 
 
 @pytest.mark.xla

@@ -104,6 +104,52 @@ def case_compiles(args: argparse.Namespace) -> dict[str, Any]:
     return {"compiles": graphs, "took": RECORDS.took(), "match": torch.equal(sequences(out), ref)}
 
 
+def _entry_copies(hlo: str, shape: str) -> int:
+    """``copy`` instructions of ``shape`` (e.g. ``f32[3,2,32,16]``) in an HLO module's entry computation."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    return sum(1 for line in entry.splitlines() if f"= {shape}{{" in line and " copy(" in line)
+
+
+def case_aliasing(args: argparse.Namespace) -> dict[str, Any]:
+    """The replayed decode step's KV buffers, read from XLA's optimized HLO (``--xla_dump_to`` in XLA_FLAGS):
+    how many whole-buffer copies of them the compiled step makes per layer (issue #19)."""
+    import glob
+    import os
+    import re
+
+    dump = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    assert dump is not None, "run with XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text"
+    model = build("llama")
+    ids, mask = prompts(args.batch)
+    kw = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    out, graphs = timed_call(
+        lambda: model.generate(
+            ids.to(device), attention_mask=mask.to(device), return_dict_in_generate=True, **kw
+        )
+    )
+    from xla_cache_patch import compat
+
+    buffers = compat.current().cache_buffers(compat.returned_cache(out))
+    shape = "f32[" + ",".join(str(n) for n in buffers[0].shape) + "]"
+    modules = sorted(glob.glob(os.path.join(dump.group(1), "*after_optimizations.txt")))
+    decode = modules[1]  # compiled second: the prefill, the decode step, then _settle's graph
+    with open(decode, encoding="utf-8") as fh:
+        copies = _entry_copies(fh.read(), shape)
+    layers = model.config.num_hidden_layers
+    return {
+        "took": RECORDS.took(),
+        "match": torch.equal(sequences(out), ref),
+        "compiles": graphs,
+        "modules": len(modules),
+        "buffers": len(buffers),
+        "copies_per_layer": copies / layers,
+    }
+
+
 def case_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Seeded sampling: reproducible, in-vocabulary, eos respected; top_k=1 / tiny top_p equal greedy."""
     model = build("llama")
@@ -501,6 +547,7 @@ CASES = {
     "user-cache": case_user_cache,
     "replay": case_replay,
     "bfloat16": case_bfloat16,
+    "aliasing": case_aliasing,
 }
 
 

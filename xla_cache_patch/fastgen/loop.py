@@ -27,7 +27,7 @@ from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
 from xla_cache_patch.fastgen.stopping import HostStops, initial_window, stop_string_hits
-from xla_cache_patch.fastgen.swaps import explicit_masks, xla_cpu_dots
+from xla_cache_patch.fastgen.swaps import explicit_masks, is_xla_cpu, xla_cpu_dots
 
 log = logging.getLogger("xla_cache_patch.fastgen")
 
@@ -351,6 +351,7 @@ def run(model: Any, plan: Plan) -> Any:
             lambda: adapter.cache_numbers(cache),
             device,
             enabled=plan.replay,
+            donor_order=is_xla_cpu(device),  # measured there (#19); TPU and GPU keep their graphs
         )
         steps = 1
         every = plan.eos_check_every

@@ -10,6 +10,11 @@ after two consecutive traced steps (probes) produce the same graph from the same
 constants), the trace triggered no device execution (no data-dependent Python branch), and no Python
 number on the cache changed (e.g. the sliding-window layers of transformers >= 4.57 count tokens in a
 Python int; those models keep tracing). Otherwise every step is traced as usual, still without new graphs.
+
+On XLA:CPU the step's results are listed in the order of the inputs they overwrite (``_donor_order``):
+XLA pairs donated inputs with results by byte size alone, so in another order a layer's new K lands in
+its V's buffer and XLA copies every cache buffer in and out of the step to swap them back (issue #19).
+TPU and GPU keep the state order (their graphs unchanged until measured there).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ _UINT64_MAX = 18446744073709551615
 
 
 _SMALL = 64  # fixed inputs up to this many elements are compared by value (constants re-uploaded per step)
+_ORDER_ROUNDS = 4  # walks of the graph to find a result order that matches the parameter order
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,31 @@ def _donated(sources: Sequence[int | None], changed: Sequence[bool]) -> list[int
     return [index for index, source in enumerate(sources) if source is not None and changed[source]]
 
 
+def _donor_order(
+    written: list[int], outputs: list[torch.Tensor], aux: list[torch.Tensor], input_index: dict[int, int]
+) -> list[int]:
+    """The written state indices in the order of the graph parameters they overwrite.
+
+    XLA aliases donated parameters to results by size only (``OptimizeInputOutputBufferAlias``: both
+    lists stable-sorted by byte size and matched in order), never by which input a result updates. The
+    KV buffers all have one size, and torch_xla numbers parameters as its walk from the results meets
+    them (a layer's V before its K): listed in state order, a layer's new K is aliased to its old V, and
+    XLA copies both buffers in and both results out to swap them (at batch 32, SmolLM2-135M: 5 copies of
+    a cache buffer per layer and step instead of 2). Results ordered like their parameters pair exactly.
+    The order of the results changes the walk, so this repeats until the order is stable; state without
+    a parameter (not read by the step) goes last.
+    """
+    order = written
+    for _ in range(_ORDER_ROUNDS):
+        ids, _ = _X._get_tensors_xla_device_data_node([outputs[i] for i in order] + aux)
+        position = {input_index[tensor_id]: p for p, tensor_id in enumerate(ids) if tensor_id in input_index}
+        aligned = sorted(order, key=lambda index: position.get(index, len(ids)))
+        if aligned == order:
+            return order
+        order = aligned
+    return order
+
+
 def _unique(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     """Distinct tensors (a graph returns a repeated root once) and where each original sits among them."""
     positions: dict[int, int] = {}
@@ -143,11 +174,13 @@ class StepReplay:
         numbers: Callable[[], Any],
         device: torch.device,
         enabled: bool = True,
+        donor_order: bool = True,
     ) -> None:
         self._state = state
         self._numbers = numbers
         self._device = str(device)
         self._enabled = enabled and not missing_private_api()
+        self._donor_order = donor_order  # list results in their inputs' order (see _donor_order)
         self._last: _Trace | None = None
         self._program: _Program | None = None
         self.replayed = 0
@@ -176,7 +209,10 @@ class StepReplay:
             return [aux[index] for index in aux_order]
         xm.wait_device_ops()  # constants uploaded while tracing must have landed before we read them
         changed = tuple(_X._check_tensor_need_materialization(outputs))
-        written = [t for t, write in zip(outputs, changed, strict=True) if write]
+        order = [index for index, write in enumerate(changed) if write]
+        if self._donor_order:
+            order = _donor_order(order, outputs, aux, input_index)
+        written = [outputs[index] for index in order]
         roots = written + aux
         ids, values = _X._get_tensors_xla_device_data_node(roots)
         sources = tuple(input_index.get(tensor_id) for tensor_id in ids)

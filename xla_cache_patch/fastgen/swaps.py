@@ -153,10 +153,10 @@ def explicit_masks() -> Iterator[None]:
 def xla_cpu_dots(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Small-row dots in XLA:CPU's fast forms for this thread, if ``device`` is an XLA device backed by
     the CPU."""
-    return SmallRowDots() if _is_xla_cpu(device) else contextlib.nullcontext()
+    return SmallRowDots() if is_xla_cpu(device) else contextlib.nullcontext()
 
 
-def _is_xla_cpu(device: torch.device) -> bool:
+def is_xla_cpu(device: torch.device) -> bool:
     if device.type != "xla":
         return False
     import torch_xla.runtime as xr
