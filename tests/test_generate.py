@@ -58,7 +58,7 @@ def test_bfloat16_matches_stock_generate_on_the_same_device(era: Path | None) ->
 @pytest.mark.xla
 @pytest.mark.slow
 def test_small_row_dots_on_xla_cpu_match_and_are_restored() -> None:
-    """The fast path's XLA:CPU dot forms (one matvec per row up to 3, W @ x.T up to 16): the products
+    """The fast path's XLA:CPU dot forms (one matvec per row up to 3, W @ x.T up to 32): the products
     F.linear gives, a batch of 4 equal to CPU generate, and F.linear restored after the call."""
     result = run_case("dots", "--new-tokens", "12")
     assert result["swapped"] and result["restored"]
