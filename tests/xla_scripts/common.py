@@ -133,6 +133,19 @@ def compiles() -> int:
     return int(data[0]) if data else 0
 
 
+def scores_close(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> bool:
+    """Every step's scores allclose to the reference's, with the same -inf entries."""
+    if len(got) != len(ref):
+        return False
+    for x, y in zip(got, ref, strict=True):
+        x = x.cpu()
+        if not torch.equal(torch.isneginf(x), torch.isneginf(y)):
+            return False
+        if not torch.allclose(x, y, atol=1e-4, rtol=1e-4):
+            return False
+    return True
+
+
 def timed_call(fn: Callable[[], Any]) -> tuple[Any, int]:
     """``fn()`` and the XLA compilations it caused (pending work synced first)."""
     import torch_xla

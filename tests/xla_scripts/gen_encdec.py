@@ -19,7 +19,7 @@ import torch_xla
 import transformers
 
 import xla_cache_patch
-from tests.xla_scripts.common import case_parser, compiles, on_xla, run_case, sequences
+from tests.xla_scripts.common import case_parser, compiles, on_xla, run_case, sequences, timed_call
 from tests.xla_scripts.gen_cases import RECORDS
 from xla_cache_patch.tools import tiny
 
@@ -83,18 +83,19 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
     xla_cache_patch.apply()
     model = on_xla(model)
     device = torch_xla.device()
+    x_ids, x_mask = ids.to(device), mask.to(device)
     results = []
     for extra, ref in zip(options, refs, strict=True):
-        before = compiles()
-        out = model.generate(ids.to(device), attention_mask=mask.to(device), **base, **extra)
-        torch_xla.sync()
+        out, graphs = timed_call(
+            lambda extra=extra: model.generate(x_ids, attention_mask=x_mask, **base, **extra)
+        )
         got = sequences(out)
         results.append(
             {
                 "options": repr(extra),
                 "match": torch.equal(got, ref),
                 "shape": list(got.shape),
-                "compiles": compiles() - before,
+                "compiles": graphs,
                 "changes_tokens": not torch.equal(ref, free[:, : ref.shape[1]]) or ref.shape != free.shape,
             }
         )
@@ -263,26 +264,24 @@ def case_beams(args: argparse.Namespace) -> dict[str, Any]:
     xla_cache_patch.apply()
     model = on_xla(model)
     device = torch_xla.device()
+    x_ids, x_mask = ids.to(device), mask.to(device)
     results = []
     for extra, ref in zip(sets, refs, strict=True):
-        before = compiles()
-        out = model.generate(
-            ids.to(device), attention_mask=mask.to(device), **base, eos_token_id=eos, **extra
+        out, graphs = timed_call(
+            lambda extra=extra: model.generate(
+                x_ids, attention_mask=x_mask, **base, eos_token_id=eos, **extra
+            )
         )
-        torch_xla.sync()
-        results.append({"options": repr(extra), **_same(out, ref), "compiles": compiles() - before})
+        results.append({"options": repr(extra), **_same(out, ref), "compiles": graphs})
     ended = any(bool((r.sequences[:, 1:-1] == eos).any()) for r in refs)
     # 64 new tokens (eos off: every step runs): the decoder graphs of a longer cache, the encoder's reused
     long_kw = dict(**_base(model, 64), num_beams=4, early_stopping="never", eos_token_id=None)
-    before = compiles()
-    out = model.generate(ids.to(device), attention_mask=mask.to(device), **long_kw)
-    torch_xla.sync()
-    long_compiles = compiles() - before
+    out, long_compiles = timed_call(lambda: model.generate(x_ids, attention_mask=x_mask, **long_kw))
     # beam sampling: at temperature 0.01 the draw is the top candidates (tokens = CPU); a seed reproduces
     runs = []
     for seed in (0, 0):
         torch.manual_seed(seed)
-        runs.append(sequences(model.generate(ids.to(device), attention_mask=mask.to(device), **sampled_kw)))
+        runs.append(sequences(model.generate(x_ids, attention_mask=x_mask, **sampled_kw)))
     return {
         "took": RECORDS.took(),
         "results": results,

@@ -21,7 +21,7 @@ import torch_xla
 import transformers
 
 import xla_cache_patch
-from tests.xla_scripts.common import PAD, compiles, on_xla, pick_eos, prompts, sequences
+from tests.xla_scripts.common import PAD, compiles, on_xla, pick_eos, prompts, scores_close, sequences
 from tests.xla_scripts.gen_cases import RECORDS, build
 
 NEW_TOKENS = 10
@@ -29,19 +29,6 @@ NEW_TOKENS = 10
 
 def _base(new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     return dict(max_new_tokens=new_tokens, cache_implementation="static", pad_token_id=PAD)
-
-
-def _close(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> bool:
-    """Every step's scores allclose, with the same -inf entries."""
-    if len(got) != len(ref):
-        return False
-    for x, y in zip(got, ref, strict=True):
-        x = x.cpu()
-        if not torch.equal(torch.isneginf(x), torch.isneginf(y)):
-            return False
-        if not torch.allclose(x, y, atol=1e-4, rtol=1e-4):
-            return False
-    return True
 
 
 def _greedy_options(free: torch.Tensor, length: int, eos: int) -> list[dict[str, Any]]:
@@ -93,7 +80,7 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
                 "options": repr(extra),
                 "match": torch.equal(sequences(out), ref.sequences),
                 "changes_tokens": not torch.equal(ref.sequences, plain),
-                "scores_close": _close(out.scores, ref.scores),
+                "scores_close": scores_close(out.scores, ref.scores),
                 "compiles": compiles() - before,
             }
         )
@@ -103,7 +90,7 @@ def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
             "options": "forced_bos_token_id",
             "match": torch.equal(sequences(out), bos_ref.sequences),
             "changes_tokens": True,
-            "scores_close": _close(out.scores, bos_ref.scores),
+            "scores_close": scores_close(out.scores, bos_ref.scores),
             "compiles": None,
         }
     )
@@ -152,7 +139,7 @@ def case_warpers(args: argparse.Namespace) -> dict[str, Any]:
         results.append(
             {
                 "options": repr(extra),
-                "scores0_close": _close((step0,), (ref,)),
+                "scores0_close": scores_close((step0,), (ref,)),
                 "filtered": int(torch.isneginf(ref).sum()),
                 "reproducible": torch.equal(sequences(first), sequences(again)),
                 "compiles": graphs,
