@@ -274,6 +274,21 @@ def test_a_crash_before_the_variant_runs_is_an_error_not_a_lower_bound() -> None
     )
 
 
+def test_a_crash_after_the_cold_call_keeps_that_calls_exact_numbers() -> None:
+    """The worker died in its steady call: the cold call's graphs and seconds are exact, and so is the
+    speed-up against it (the crash is named, not taken as a lower bound)."""
+    cold = {"compiles": 19, "executions": 35, "wall_s": 100.0}
+    progress = {"phase": "steady", "phase_started": 0.0, "compiles": 25, "cold": cold}
+    row = bench.crashed_row(progress, "worker killed by signal 6", 500.0)
+    assert row["crashed"] is True and row["crash_phase"] == "steady"
+    assert (row["compiles"], row["wall_s"]) == (19, 100.0)
+    fast = _row("generate-patched", 16, wall_s=2.0)
+    (line,) = bench.speedups([row | {"variant": "generate-stock", "new_tokens": 16}, fast])
+    assert line.startswith("generate-patched x16 cold: 50x faster than generate-stock (2.0 s")
+    assert line.endswith("; it then crashed in its steady call: worker killed by signal 6).")
+    assert fast["cold_speedup_lower_bound"] is False
+
+
 def test_heartbeat_records_phases_and_graphs(tmp_path: Path) -> None:
     from xla_cache_patch.tools.bench_worker import Heartbeat
 

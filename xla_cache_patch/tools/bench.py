@@ -163,8 +163,9 @@ XLA_PHASES = ("cold", "steady")
 def crashed_row(progress: dict[str, Any], reason: str, now: float) -> dict[str, Any]:
     """The row of a worker that died (or timed out) while its variant ran: how far it got.
 
-    ``compiles`` and ``wall_s`` are what the cold call had done when the worker last reported: lower
-    bounds of what that call costs. A crash in an earlier phase (loading, CPU reference) is an error.
+    ``compiles`` and ``wall_s``: the cold call's own, if it had finished (the worker died in a later
+    call); else what it had done when the worker last reported, lower bounds of what it costs. A crash
+    in an earlier phase (loading, CPU reference) is an error.
     """
     phase = progress.get("phase")
     if phase not in XLA_PHASES:
