@@ -88,6 +88,34 @@ def test_every_variant_runs_at_every_batch_and_the_worker_is_told() -> None:
     assert "--variant loop-dynamo --new-tokens 64" in cmd and "--batch 8 --dtype bfloat16" in cmd
 
 
+def test_long_prompts_and_buckets_reach_the_generate_workers_only() -> None:
+    args = cli.build_parser().parse_args(
+        ["bench", "--prompt-len", "1500", "--prompt-buckets", "1536", "--cache-buckets", "1792"]
+    )
+    generate, loop = bench.plan_jobs(["generate-patched", "loop-dynamo"], [256], cap=16)
+    cmd = " ".join(bench.worker_command(generate, args, "row.json"))
+    assert "--prompt-len 1500" in cmd and "--prompt-buckets 1536 --cache-buckets 1792" in cmd
+    cmd = " ".join(bench.worker_command(loop, args, "row.json"))
+    assert "--prompt-len 1500" in cmd and "buckets" not in cmd  # a loop's cache is --cache-len
+    default = cli.build_parser().parse_args(["bench"])
+    assert "--prompt-len" not in " ".join(bench.worker_command(loop, default, "row.json"))
+
+
+def test_short_calls_repeat_until_they_have_run_a_second() -> None:
+    from xla_cache_patch.tools import bench_worker
+
+    def calls(seconds: list[float]) -> tuple[float, int]:
+        made = iter(seconds)
+        timed: list[float] = []
+        best = bench_worker.fastest(lambda: timed.append(next(made)) or timed[-1])
+        return best, len(timed)
+
+    assert calls([5.0, 4.0, 3.0]) == (4.0, 2)  # long calls: the fastest of two
+    assert calls([0.05] + [0.06] * 20) == (0.05, bench_worker.EAGER_MAX_REPEATS)
+    assert calls([0.3, 0.2, 0.6, 0.1]) == (0.2, 3)  # 1.1 s after three
+    assert bench_worker.fastest(lambda: 9.0, first=1.0) == 1.0  # one already timed counts
+
+
 def test_steady_state_is_the_difference_of_two_warm_calls() -> None:
     from xla_cache_patch.tools import bench_worker
 

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from xla_cache_patch.compat import installed_version
 from xla_cache_patch.tools.bench_worker import CHAT_CALL, DEFAULT_VARIANTS, DTYPES, ENCDEC_VARIANTS, VARIANTS
-from xla_cache_patch.tools.tiny import PRESETS, SEQ2SEQ_PRESETS
+from xla_cache_patch.tools.tiny import DEFAULT_PROMPT_LEN, PRESETS, SEQ2SEQ_PRESETS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
 STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
@@ -113,6 +113,11 @@ def worker_command(job: Job, args: argparse.Namespace, out: str, progress: str |
         cmd += ["--progress", progress]
     if args.cache_len and job.variant.startswith("loop-"):
         cmd += ["--cache-len", str(args.cache_len)]
+    if getattr(args, "prompt_len", None):
+        cmd += ["--prompt-len", str(args.prompt_len)]
+    for name in ("prompt_buckets", "cache_buckets"):
+        if getattr(args, name, None) and job.variant.startswith("generate-"):
+            cmd += ["--" + name.replace("_", "-"), ",".join(map(str, getattr(args, name)))]
     if args.model:
         cmd += ["--model", str(args.model)]
     else:
@@ -298,6 +303,8 @@ def environment(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
         "pjrt_device": worker_env(args.spmd)["PJRT_DEVICE"],
         "spmd": args.spmd,
         "stock_generate_cap": args.stock_generate_cap,
+        "prompt_buckets": getattr(args, "prompt_buckets", None),
+        "cache_buckets": getattr(args, "cache_buckets", None),
         "dtype": getattr(args, "dtype", "float32"),
         "omp_wait_policy": worker_env(args.spmd)["OMP_WAIT_POLICY"],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -406,8 +413,9 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
         "row left-padded by 3 tokens, with its mask); the rows of one batch compare like with like.",
         "compiles, executions, aliased KV buffers, wall s: the first (cold) call in a fresh process.",
         "ms/token: a second identical call's wall time over its new tokens (prefill included).",
-        "steady ms/step: (warm call of N tokens - warm call of N/2) / (N/2), eos off: one decode step of",
-        "the whole batch, prefill and per-call set-up cancelled. tokens/s: batch x 1000 / steady ms/step.",
+        "steady ms/step: (warm call of N tokens - warm call of N/2) / (N/2), each the fastest of 2 or",
+        "more (calls under 1 s repeat), eos off: one decode step of the whole batch, prefill and per-call",
+        "set-up cancelled. tokens/s: batch x 1000 / steady ms/step.",
         "decode ms/step: XLA execution time of that call's graphs after the prefill, per step ('-' where a",
         "step runs several graphs, as dynamo's do: they overlap, so ms/token is the measure there).",
         "host overhead x: ms/token over the call's XLA execution time per token (1.0: the host never waits).",
@@ -617,6 +625,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="KV cache slots of the loop variants (default: prompt + new tokens); a long cache shows "
         "what aliasing saves",
+    )
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"tokens in every prompt (default: {DEFAULT_PROMPT_LEN}); 1000-2000 shows what a long "
+        "context costs",
+    )
+    p.add_argument(
+        "--prompt-buckets",
+        type=_csv_ints,
+        default=None,
+        metavar="SIZES",
+        help="the generate variants' apply(prompt_buckets=...): the sizes prompts are padded to",
+    )
+    p.add_argument(
+        "--cache-buckets",
+        type=_csv_ints,
+        default=None,
+        metavar="SIZES",
+        help="the generate variants' apply(cache_buckets=...): the KV cache sizes calls round up to",
     )
     p.add_argument(
         "--spmd", type=int, default=0, metavar="N", help="shard over N devices (CPU_NUM_DEVICES=N on CPU)"
