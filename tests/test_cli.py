@@ -111,7 +111,7 @@ def test_short_calls_repeat_until_they_have_run_a_second() -> None:
         return best, len(timed)
 
     assert calls([5.0, 4.0, 3.0]) == (4.0, 2)  # long calls: the fastest of two
-    assert calls([0.05] + [0.06] * 20) == (0.05, bench_worker.EAGER_MAX_REPEATS)
+    assert calls([0.05] + [0.06] * 20) == (0.05, bench_worker.MAX_REPEATS)
     assert calls([0.3, 0.2, 0.6, 0.1]) == (0.2, 3)  # 1.1 s after three
     assert bench_worker.fastest(lambda: 9.0, first=1.0) == 1.0  # one already timed counts
 

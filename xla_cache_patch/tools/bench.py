@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xla_cache_patch.compat import installed_version
-from xla_cache_patch.tools.bench_worker import CHAT_CALL, DEFAULT_VARIANTS, DTYPES, ENCDEC_VARIANTS, VARIANTS
+from xla_cache_patch.tools.bench_worker import (
+    CHAT_CALL,
+    DEFAULT_VARIANTS,
+    DTYPES,
+    ENCDEC_VARIANTS,
+    VARIANTS,
+    csv_ints,
+)
 from xla_cache_patch.tools.tiny import DEFAULT_PROMPT_LEN, PRESETS, SEQ2SEQ_PRESETS
 
 DEFAULT_NEW_TOKENS = (8, 32, 128)
@@ -560,16 +567,6 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     return 1 if bad else 0
 
 
-def _csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _csv_variants(text: str) -> list[str]:
     values = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [v for v in values if v not in VARIANTS]
@@ -583,13 +580,13 @@ def _csv_variants(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--new-tokens",
-        type=_csv_ints,
+        type=csv_ints,
         default=",".join(map(str, DEFAULT_NEW_TOKENS)),
         help="comma-separated lengths to generate (default: %(default)s)",
     )
     p.add_argument(
         "--batch",
-        type=_csv_ints,
+        type=csv_ints,
         default="1",
         help="comma-separated batch sizes; every variant runs at each (default: %(default)s)",
     )
@@ -636,14 +633,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prompt-buckets",
-        type=_csv_ints,
+        type=csv_ints,
         default=None,
         metavar="SIZES",
         help="the generate variants' apply(prompt_buckets=...): the sizes prompts are padded to",
     )
     p.add_argument(
         "--cache-buckets",
-        type=_csv_ints,
+        type=csv_ints,
         default=None,
         metavar="SIZES",
         help="the generate variants' apply(cache_buckets=...): the KV cache sizes calls round up to",

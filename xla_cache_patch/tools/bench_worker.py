@@ -87,9 +87,9 @@ PATCH_MODE = {
     "loop-inplace": "inplace",
     "loop-functional": "functional",
 }
-EAGER_REPEATS = 2  # at least this many timed eager calls of each length ...
-EAGER_BUDGET_S = 1.0  # ... and more, up to EAGER_MAX_REPEATS, until they took this long together
-EAGER_MAX_REPEATS = 10
+TIMED_REPEATS = 2  # at least this many timed warm calls of each length (CPU eager and XLA) ...
+REPEAT_BUDGET_S = 1.0  # ... and more, up to MAX_REPEATS, until they took this long together
+MAX_REPEATS = 10
 WARMUP_STEPS = 3  # prefill, first decode, and one more: the decode graphs settle by then
 
 
@@ -526,11 +526,11 @@ def _cpu_reference(args: argparse.Namespace, model: Any, ids: Any, mask: Any) ->
 
 
 def fastest(timed: Callable[[], float], first: float | None = None) -> float:
-    """The fastest of EAGER_REPEATS or more calls (``first``: one already timed). A short call (the
+    """The fastest of TIMED_REPEATS or more calls (``first``: one already timed). A short call (the
     tiny model's take ~50 ms) is at the mercy of one scheduler hiccup: two eager calls left its steady
-    ms/step 1.4-2.9 from run to run, so short calls repeat until they have run EAGER_BUDGET_S together."""
+    ms/step 1.4-2.9 from run to run, so short calls repeat until they have run REPEAT_BUDGET_S together."""
     times: list[float] = [] if first is None else [first]
-    while len(times) < EAGER_REPEATS or (sum(times) < EAGER_BUDGET_S and len(times) < EAGER_MAX_REPEATS):
+    while len(times) < TIMED_REPEATS or (sum(times) < REPEAT_BUDGET_S and len(times) < MAX_REPEATS):
         times.append(timed())
     return min(times)
 
@@ -641,8 +641,14 @@ def measure(args: argparse.Namespace, beat: Heartbeat | None = None) -> dict[str
     return row
 
 
-def _sizes(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
+def csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -658,8 +664,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="rows of every call (prompts of the same length)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--cache-len", type=int, default=None, help="KV cache slots of the loop variants")
-    p.add_argument("--prompt-buckets", type=_sizes, default=None, help="apply(prompt_buckets=...)")
-    p.add_argument("--cache-buckets", type=_sizes, default=None, help="apply(cache_buckets=...)")
+    p.add_argument("--prompt-buckets", type=csv_ints, default=None, help="apply(prompt_buckets=...)")
+    p.add_argument("--cache-buckets", type=csv_ints, default=None, help="apply(cache_buckets=...)")
     p.add_argument("--progress", default=None, help="where to write the heartbeat (phase, graphs so far)")
     return p.parse_args(argv)
 
