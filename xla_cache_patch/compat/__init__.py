@@ -122,9 +122,20 @@ class Adapter:
         return self.storage.capacity(cache)
 
     def beam_buffers(self, cache: Any) -> list[Any]:
-        """The buffers a beam reorder moves: an encoder-decoder cache's self-attention part only (its
-        cross-attention part holds the same encoder output in every beam of a prompt)."""
-        return self.cache_buffers(cache_parts(cache)[0])
+        """The buffers a beam reorder moves: K/V and recurrent states (their rows are the beams), of an
+        encoder-decoder cache the self-attention part only (its cross-attention part holds the same encoder
+        output in every beam of a prompt)."""
+        own = cache_parts(cache)[0]
+        return self.cache_buffers(own) + self.recurrent_states(own)
+
+    def recurrent_states(self, cache: Any) -> list[Any]:
+        """The allocated per-row recurrent states (conv windows, SSM states) of the cache's linear-attention
+        layers (5.24+, ``compat._recurrent``); empty for eras and caches without them."""
+        if self.storage is None:
+            return []
+        from xla_cache_patch.compat._recurrent import row_states
+
+        return row_states(cache)
 
     def cache_batch_size(self, cache: Any) -> int | None:
         from xla_cache_patch.compat._storage import batch_size

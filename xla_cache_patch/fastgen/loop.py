@@ -279,9 +279,11 @@ def _prefill(
         groups = batch // plan.beams.num_beams
         state.beams = beam_search.initial_state(plan.beams, groups, width + 1, plan.max_new_tokens, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
-    logits = _forward(
-        model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded
-    )
+    # Recurrent layers take the mask of the prefilled tokens as its last P columns (transformers'
+    # create_recurrent_attention_mask): ours ends at the prompt, not at the cache's empty slots, or every
+    # token would be masked out of the SSM. Attention pads a shorter mask with zeros: the same mask.
+    mask = state.mask[:, :first] if plan.recurrent else state.mask
+    logits = _forward(model, plan, cache, ids.to(device), mask, positions.to(device), slots, consts.encoded)
     # beams: every beam of a prompt holds the same prompt, so the cache needs no reorder yet
     scores, alive, _ = _select(logits, state, state.slot, plan, consts)
     return state, _StepOutputs.build(plan, alive=alive, scores=scores, logits=logits)
@@ -404,6 +406,9 @@ def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, devi
     """
     held, length = plan.cache_start, plan.input_ids.shape[1]
     shift = plan.prompt_bucket - (length - held)
+    if plan.recurrent:
+        setattr(cache, STALE_ATTR, _recurrent_reason(plan, produced))
+        return
     windows = adapter.cache_windows(cache)
     if windows:
         setattr(cache, STALE_ATTR, _sliding_reason(min(windows), plan, produced))
@@ -420,6 +425,16 @@ def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, devi
         )
     adapter.set_length(cache, total)
     torch_xla.sync()
+
+
+def _recurrent_reason(plan: Plan, produced: int) -> str:
+    """Why a cache with recurrent-state layers that the fast path filled cannot be continued."""
+    pad = plan.prompt_bucket - (plan.input_ids.shape[1] - plan.cache_start)
+    return (
+        f"its recurrent layers (SSM / convolution states) hold a state, not slots: it absorbed the {pad} "
+        f"bucket-padding tokens and every step the loop ran (up to {plan.eos_check_every} past the "
+        f"{produced} tokens kept), and no shift undoes that; the fast path does not continue such caches"
+    )
 
 
 def _sliding_reason(window: int, plan: Plan, produced: int) -> str:

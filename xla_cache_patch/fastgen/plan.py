@@ -181,6 +181,9 @@ class Plan:
     # (its start token, [B, 1]), and the prompt bucket is 1 (fastgen.encdec).
     encoder: Any | None = None
     beams: Beams | None = None  # beam search (input_ids then holds each prompt num_beams times)
+    # The cache has recurrent-state layers (Mamba2, convolution, RG-LRU: compat._recurrent, families): the
+    # prefill sees a mask that ends at the prompt, and the cache it leaves cannot be continued.
+    recurrent: bool = False
 
     @property
     def first_slot(self) -> int:
