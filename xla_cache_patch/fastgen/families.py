@@ -2,11 +2,12 @@
 
 The static loop gives transformers' tokens only for a model whose every piece of cached state it knows how
 to prefill, write at a step, replay and hand back. A model is taken only when each layer of its cache is a
-kind the era adapter names (``Adapter.cache_kinds``: full attention, sliding window, no state) and nothing
-says the model keeps other state: a layer type in its config that no cache class of ours holds (a Mamba,
-convolution or linear-attention layer), or a cache class of its own in its modeling module. Anything else
-is refused with the reason, never run on a guess: a recurrent state the loop does not know about gives
-other tokens, silently.
+kind the era adapter names (``Adapter.cache_kinds``: full attention, sliding window, no state; recurrent
+state for the families measured exact, ``RECURRENT_FAMILIES``) and nothing says the model keeps other
+state: a layer type in its config that no cache class of ours holds (a Mamba, convolution or
+linear-attention layer of another family), or a cache class of its own in its modeling module. Anything
+else is refused with the reason, never run on a guess: a recurrent state the loop does not know about
+gives other tokens, silently.
 
 Families whose tokens change with a static cache, or whose static cache is broken, are listed here too:
 one table of model-family knowledge, read by ``fastgen.plan``.
@@ -24,6 +25,33 @@ RUNS = frozenset({"full", "sliding", "none"})
 _ATTENTION_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
 _STATELESS_TYPES = frozenset({"moe", "mlp", "dummy"})
 _LAYER_TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types")
+
+# Cache-layer kinds with a fixed-size recurrent state (conv window, SSM / LRU state; compat._recurrent). The
+# loop prefills them with a mask that ends at the prompt (Plan.recurrent), the replayed step rewrites them
+# in place, a beam step moves their rows, and their caches are not continued. Run for RECURRENT_FAMILIES only.
+RECURRENT = frozenset({"recurrent", "full+recurrent"})
+
+# Model types whose recurrent layers the loop carries exactly: CPU stock's tokens (greedy on a left-padded
+# batch with eos, batch 1, 8 and 64 new tokens), sampled step-0 scores, beams, as many graphs for either
+# length (tests/xla_scripts/ssm_check.py, transformers 5.25). The layer types their configs declare for
+# those layers are theirs only: any other model declaring them stays refused.
+RECURRENT_FAMILIES: dict[str, frozenset[str]] = {
+    "granitemoehybrid": frozenset({"linear_attention", "mamba"}),  # Granite 4: Mamba2 + attention
+    "bamba": frozenset({"linear_attention", "mamba"}),  # Mamba2 + attention
+    "falcon_h1": frozenset({"hybrid"}),  # Mamba2 beside attention in every layer
+    "zamba2": frozenset({"linear_attention", "mamba", "hybrid"}),  # Mamba2 + shared attention blocks
+    "lfm2": frozenset({"conv"}),  # gated short convolution + attention
+    "recurrent_gemma": frozenset({"linear_attention", "recurrent"}),  # RG-LRU + local attention
+}
+
+# Recurrent families measured and refused, with why (their tokens were CPU's on XLA:CPU, but not in a
+# static set of graphs).
+RECURRENT_REFUSED = {
+    "jamba": "prefills its Mamba (v1) layers with a per-token Python scan: the prefill is cut into many "
+    "graphs (17 for a 2 x 16 prompt bucket) whose number grows with the bucket",
+    "qwen3_next": "prefills its gated delta rule with torch.linalg.solve_triangular, which XLA does not "
+    "lower: it runs on the host through the CPU fallback (29 graphs, minutes on a tiny model)",
+}
 
 # Model types whose tokens change with a static cache (not only its speed), by what they do with it.
 STATIC_CACHE_CHANGES_TOKENS = {
@@ -45,11 +73,16 @@ def unknown_state(model: Any, kinds: list[str]) -> str | None:
     name = type(model).__name__
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    refused = RECURRENT_REFUSED.get(str(model_type))
+    if refused is not None:
+        return f"{name} {refused}"
+    recurrent_types = RECURRENT_FAMILIES.get(str(model_type), frozenset())
     for field in _LAYER_TYPE_FIELDS:
         declared = getattr(text, field, None)
         if not isinstance(declared, (list, tuple)):
             continue
-        other = sorted({str(t) for t in declared} - _ATTENTION_TYPES - _STATELESS_TYPES)
+        other = sorted({str(t) for t in declared} - _ATTENTION_TYPES - _STATELESS_TYPES - recurrent_types)
         if other:
             return (
                 f"{name} has layers of type {', '.join(repr(t) for t in other)} (config.{field}): state "
@@ -62,7 +95,11 @@ def unknown_state(model: Any, kinds: list[str]) -> str | None:
             f"{name} keeps its state in a cache class of its own ({', '.join(own)}), which the fast path "
             "does not know"
         )
-    unknown = sorted({kind.split(":", 1)[1].strip() for kind in kinds if kind not in RUNS})
+    runs = RUNS | RECURRENT if recurrent_types else RUNS
+    unknown = sorted(
+        f"{kind} state" if kind in RECURRENT else kind.split(":", 1)[-1].strip()
+        for kind in set(kinds) - runs
+    )
     if unknown:
         return (
             f"{name}'s cache has layers of class {', '.join(unknown)}: state the fast path does not know "
@@ -71,6 +108,11 @@ def unknown_state(model: Any, kinds: list[str]) -> str | None:
     if getattr(text, "kv_sharing_modes", None) and "none" in kinds:
         return f"{name} shares keys and values between layers (config.kv_sharing_modes)"
     return None
+
+
+def holds_recurrent(kinds: list[str]) -> bool:
+    """Does a cache of these kinds hold recurrent state (the loop's rules for it apply)?"""
+    return any(kind in RECURRENT for kind in kinds)
 
 
 def own_cache_classes(model_cls: type) -> list[str]:

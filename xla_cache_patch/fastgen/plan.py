@@ -282,6 +282,13 @@ def _check_model(model: Any) -> ForwardSpec:
     return spec  # type: ignore[return-value]
 
 
+def _holds_recurrent(model: Any, cache: Any | None) -> bool:
+    """Does the call's cache (the user's, else the one the loop builds) hold recurrent state?"""
+    adapter = compat.current()
+    kinds = adapter.cache_kinds(cache) if cache is not None else adapter.model_cache_kinds(model.config)
+    return families.holds_recurrent(kinds)
+
+
 def _check_state(model: Any, kinds: list[str]) -> None:
     """The closed world: every kind of state the model's cache holds is one the loop runs."""
     reason = families.unknown_state(model, kinds)
@@ -550,7 +557,7 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
 def _check_user_cache(model: Any, cache: Any, batch: int) -> None:
     adapter = compat.current()
     _check_state(model, adapter.cache_kinds(cache))
-    tensors = adapter.cache_buffers(cache)
+    tensors = adapter.cache_buffers(cache) + adapter.recurrent_states(cache)
     _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
     size = adapter.cache_batch_size(cache)
     _require(size is None or size == batch, f"cache batch size {size} != {batch}")
@@ -805,9 +812,17 @@ def plan_request(
     logits = _pipeline(model, config, cpu_ids, mask)
     stop_strings = _stop_strings(config, hooks.tokenizer, eos)
     held = 0
+    recurrent = _holds_recurrent(model, cache)
     if cache is not None:
         _check_user_cache(model, cache, cpu_ids.shape[0])
         held = read_cache_length(cache)
+        _require(
+            not (held and recurrent),
+            f"the cache holds {held} tokens in recurrent layers (SSM / convolution states): the fast path "
+            "does not continue a recurrent state",
+            "recurrent-continuation",
+            "Pass the whole conversation with no cache (or after cache.reset()).",
+        )
         if held:
             _check_continuation(cache, held, cpu_ids.shape[1])
     bucket, cache_len, grow = _layout(cpu_ids.shape[1] - held, max_new, cache, held)
@@ -834,6 +849,7 @@ def plan_request(
         spec=spec,
         cache_start=held,
         grow=grow,
+        recurrent=recurrent,
         host_criteria=hooks.criteria,
         max_time=None if getattr(config, "max_time", None) is None else float(config.max_time),
         stop_strings=stop_strings,
