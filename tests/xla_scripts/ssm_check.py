@@ -7,7 +7,8 @@ Per family (a tiny random-weight model built from a config): CPU stock ``generat
 * ``long``: the same batch for 64 new tokens (its own cache bucket: as many graphs as ``greedy``);
 * ``single``: batch 1, 8 new tokens;
 * ``sample``: step-0 processed scores of a sampling call (temperature, top-k, top-p), allclose, same -inf;
-* ``beams``: num_beams=2, 6 new tokens.
+* ``beams``: num_beams=2, 6 new tokens;
+* ``continue``: the cache a call returned cannot be continued (StaleCacheError, nothing run).
 
 ``--refused`` families must be declined before anything runs (their reason is reported). Prints one
 ``RESULT {json}`` line. Families: ``python tests/xla_scripts/ssm_check.py --list``.
@@ -20,17 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.xla_scripts.common import (  # noqa: E402
+from tests.xla_scripts.common import (
     PAD,
     VOCAB,
     DeclinedFastPath,
@@ -133,7 +130,7 @@ def build(family: str) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _greedy(new: int, eos: int | None, batch: int = 2) -> dict[str, Any]:
+def _greedy(new: int, eos: int | None) -> dict[str, Any]:
     return dict(max_new_tokens=new, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
 
 
@@ -209,6 +206,9 @@ def check_family(family: str, cases: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {"family": type(model).__name__, "cases": {}}
     for case in cases:
         records.clear()
+        if case == "continue":
+            result["cases"][case] = check_continuation(model, device)
+            continue
         try:
             out, graphs = run_fast(model, case, ref, device)
         except DeclinedFastPath as exc:
@@ -223,6 +223,23 @@ def check_family(family: str, cases: list[str]) -> dict[str, Any]:
             equal = torch.equal(out.cpu(), ref[case])
         result["cases"][case] = {"took": records.took()[0], "equal": equal, "graphs": graphs}
     return result
+
+
+def check_continuation(model: torch.nn.Module, device: Any) -> dict[str, Any]:
+    """The cache a fast call returns holds recurrent state: continuing it raises StaleCacheError, before
+    anything runs."""
+    from xla_cache_patch.errors import StaleCacheError
+
+    ids, mask = prompts(1, lengths=LENGTHS)
+    kwargs = dict(_greedy(4, None), return_dict_in_generate=True)
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
+    longer = out.sequences
+    before = compiles()
+    try:
+        model.generate(longer, attention_mask=torch.ones_like(longer), cache=out.cache, **_greedy(4, None))
+    except StaleCacheError as exc:
+        return {"refused": True, "reason": str(exc), "graphs": compiles() - before}
+    return {"refused": False, "graphs": compiles() - before}
 
 
 def check_refused(family: str) -> dict[str, Any]:

@@ -97,8 +97,7 @@ def unknown_state(model: Any, kinds: list[str]) -> str | None:
         )
     runs = RUNS | RECURRENT if recurrent_types else RUNS
     unknown = sorted(
-        f"{kind} state" if kind in RECURRENT else kind.split(":", 1)[-1].strip()
-        for kind in set(kinds) - runs
+        f"{kind} state" if kind in RECURRENT else kind.split(":", 1)[-1].strip() for kind in set(kinds) - runs
     )
     if unknown:
         return (
