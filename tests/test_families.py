@@ -110,7 +110,6 @@ def test_hybrid_models_are_refused_on_xla_with_the_reason() -> None:
             "GraniteMoeHybridForCausalLM",
             "BambaForCausalLM",
             "FalconH1ForCausalLM",
-            "RecurrentGemmaForCausalLM",
             "Lfm2ForCausalLM",
         }
     taken = [name for name, row in out.items() if row["decision"] == "fast path"]

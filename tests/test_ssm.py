@@ -6,7 +6,8 @@ recurrent layers the last P columns of the 2D attention mask as the prefill's pa
 slots after the prompt: every prompt token was masked out of the SSM. The prefill now sees a mask that
 ends at the prompt; the states themselves are fixed-size tensors rewritten in place (replayed like K/V),
 a beam step moves their rows, and a cache holding them is not continued. ``fastgen.families`` runs only
-the families whose tokens tests/xla_scripts/ssm_check.py shows equal to CPU stock's.
+the families whose tokens tests/xla_scripts/ssm_check.py shows equal to CPU stock's (Granite 4, Bamba,
+Falcon-H1, Zamba2, LFM2); Jamba, Qwen3-Next and RecurrentGemma are refused with the reason.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ def _model(family: str) -> object:
         ("falcon_h1", ["full+recurrent", "full+recurrent"]),
         ("zamba2", ["recurrent", "full+recurrent"]),
         ("lfm2", ["recurrent", "full"]),
-        ("recurrent_gemma", ["recurrent", "sliding"]),
     ],
 )
 def test_the_measured_families_are_known(family: str, kinds: list[str]) -> None:
@@ -61,11 +61,23 @@ def test_the_measured_families_are_known(family: str, kinds: list[str]) -> None:
 
 
 @needs_state_layers
-@pytest.mark.parametrize(("family", "why"), [("jamba", "per-token"), ("qwen3_next", "solve_triangular")])
+@pytest.mark.parametrize(
+    ("family", "why"),
+    [("jamba", "per-token"), ("qwen3_next", "solve_triangular"), ("recurrent_gemma", "on its modules")],
+)
 def test_recurrent_families_not_shown_static_are_refused(family: str, why: str) -> None:
     model = _model(family)
     reason = families.unknown_state(model, compat.current().model_cache_kinds(model.config))
     assert reason is not None and why in reason, reason
+
+
+@needs_state_layers
+def test_a_projection_bias_into_the_padded_conv_window_is_refused() -> None:
+    """With a bias, a padded position's conv input is not the zeros of transformers' own padding."""
+    model = _model("granite")
+    model.config.mamba_proj_bias = True
+    reason = families.unknown_state(model, compat.current().model_cache_kinds(model.config))
+    assert reason is not None and "mamba_proj_bias" in reason, reason
 
 
 def test_recurrent_state_in_another_family_stays_unknown() -> None:

@@ -16,6 +16,7 @@ one table of model-family knowledge, read by ``fastgen.plan``.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 # Cache-layer kinds the loop runs: what each holds is K/V rows at slots (full, sliding) or nothing (none).
@@ -31,27 +32,47 @@ _LAYER_TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types")
 # in place, a beam step moves their rows, and their caches are not continued. Run for RECURRENT_FAMILIES only.
 RECURRENT = frozenset({"recurrent", "full+recurrent"})
 
-# Model types whose recurrent layers the loop carries exactly: CPU stock's tokens (greedy on a left-padded
-# batch with eos, batch 1, 8 and 64 new tokens), sampled step-0 scores, beams, as many graphs for either
-# length (tests/xla_scripts/ssm_check.py, transformers 5.25). The layer types their configs declare for
-# those layers are theirs only: any other model declaring them stays refused.
-RECURRENT_FAMILIES: dict[str, frozenset[str]] = {
-    "granitemoehybrid": frozenset({"linear_attention", "mamba"}),  # Granite 4: Mamba2 + attention
-    "bamba": frozenset({"linear_attention", "mamba"}),  # Mamba2 + attention
-    "falcon_h1": frozenset({"hybrid"}),  # Mamba2 beside attention in every layer
-    "zamba2": frozenset({"linear_attention", "mamba", "hybrid"}),  # Mamba2 + shared attention blocks
-    "lfm2": frozenset({"conv"}),  # gated short convolution + attention
-    "recurrent_gemma": frozenset({"linear_attention", "recurrent"}),  # RG-LRU + local attention
+
+@dataclass(frozen=True)
+class RecurrentFamily:
+    """A family whose recurrent layers the loop carries exactly, and what its config may not ask for."""
+
+    layer_types: frozenset[str]  # the layer types its config declares for those layers (theirs only)
+    # Config flags giving the projection that feeds the convolution a bias. Transformers zeroes a padded
+    # position's hidden state, so without a bias its conv input is exactly the zeros of the conv's own
+    # padding, and the bucket's extra padding changes nothing; with one it puts the bias into the window
+    # of the first real tokens, where transformers' (shorter) padding has zeros.
+    pad_bias: tuple[str, ...]
+
+
+# Measured exact: CPU stock's tokens (greedy on a left-padded batch with eos, batch 1, 8 and 64 new
+# tokens), sampled step-0 scores, beams, as many graphs for either length (tests/xla_scripts/ssm_check.py,
+# transformers 5.25). The layer types are theirs only: another model declaring them stays refused.
+RECURRENT_FAMILIES: dict[str, RecurrentFamily] = {
+    # Granite 4 (Mamba2 + attention), Bamba, Falcon-H1 (Mamba2 beside attention in every layer)
+    "granitemoehybrid": RecurrentFamily(frozenset({"linear_attention", "mamba"}), ("mamba_proj_bias",)),
+    "bamba": RecurrentFamily(frozenset({"linear_attention", "mamba"}), ("mamba_proj_bias",)),
+    "falcon_h1": RecurrentFamily(frozenset({"hybrid"}), ("mamba_proj_bias",)),
+    # Zamba2: Mamba2 + shared attention blocks; LFM2: gated short convolution + attention
+    "zamba2": RecurrentFamily(frozenset({"linear_attention", "mamba", "hybrid"}), ("add_bias_linear",)),
+    "lfm2": RecurrentFamily(frozenset({"conv"}), ("conv_bias",)),
 }
 
-# Recurrent families measured and refused, with why (their tokens were CPU's on XLA:CPU, but not in a
-# static set of graphs).
+# Recurrent families measured and refused, with why.
 RECURRENT_REFUSED = {
     "jamba": "prefills its Mamba (v1) layers with a per-token Python scan: the prefill is cut into many "
     "graphs (17 for a 2 x 16 prompt bucket) whose number grows with the bucket",
     "qwen3_next": "prefills its gated delta rule with torch.linalg.solve_triangular, which XLA does not "
     "lower: it runs on the host through the CPU fallback (29 graphs, minutes on a tiny model)",
+    "recurrent_gemma": "keeps its recurrent state on its modules (conv1d_state, rg_lru.recurrent_states), "
+    "not in the cache: the decode step is never replayed, a beam step cannot move that state, and its "
+    "padded positions are not masked out of its convolution window (the bucket's extra padding reaches it)",
 }
+
+
+def _pad_bias(family: RecurrentFamily, config: Any) -> list[str]:
+    return [flag for flag in family.pad_bias if getattr(config, flag, False)]
+
 
 # Model types whose tokens change with a static cache (not only its speed), by what they do with it.
 STATIC_CACHE_CHANGES_TOKENS = {
@@ -77,7 +98,15 @@ def unknown_state(model: Any, kinds: list[str]) -> str | None:
     refused = RECURRENT_REFUSED.get(str(model_type))
     if refused is not None:
         return f"{name} {refused}"
-    recurrent_types = RECURRENT_FAMILIES.get(str(model_type), frozenset())
+    family = RECURRENT_FAMILIES.get(str(model_type))
+    recurrent_types = family.layer_types if family is not None else frozenset()
+    biased = [] if family is None else _pad_bias(family, text)
+    if biased:
+        return (
+            f"{name} has {', '.join(f'config.{flag}=True' for flag in biased)}: the projection feeding its "
+            "convolution puts a bias into padded positions, which reaches the window of the first real "
+            "tokens where transformers' own (shorter) padding has zeros"
+        )
     for field in _LAYER_TYPE_FIELDS:
         declared = getattr(text, field, None)
         if not isinstance(declared, (list, tuple)):
