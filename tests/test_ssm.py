@@ -80,6 +80,38 @@ def test_a_projection_bias_into_the_padded_conv_window_is_refused() -> None:
     assert reason is not None and "mamba_proj_bias" in reason, reason
 
 
+def _last_logits(model: object, ids: object, pads: int) -> object:
+    x = torch.cat([torch.full((1, pads), 255), ids], 1)
+    mask = torch.cat([torch.zeros(1, pads, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        return model(
+            input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits[:, -1]
+
+
+@needs_state_layers
+@pytest.mark.parametrize(
+    ("family", "flag"),
+    [("granite", "mamba_proj_bias"), ("zamba2", "add_bias_linear"), ("lfm2", "conv_bias")],
+)
+def test_bucket_padding_is_exact_without_a_projection_bias(family: str, flag: str) -> None:
+    """CPU stock forward: 7 more left-padded positions (what a bucket adds) leave the last logits as they
+    are without the bias (float rounding), and move them with one (what families refuses)."""
+    diffs = {}
+    for bias in (False, True):
+        config = _model(family).config
+        setattr(config, flag, bias)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("in_proj.bias"):  # initialized to zero: make it one a checkpoint has
+                    param.normal_()
+        ids = torch.randint(3, 250, (1, 9), generator=torch.Generator().manual_seed(1))
+        diffs[bias] = float((_last_logits(model, ids, 0) - _last_logits(model, ids, 7)).abs().max())
+    assert diffs[False] < 1e-5 and diffs[True] > 1e-5, diffs
+
+
 def test_recurrent_state_in_another_family_stays_unknown() -> None:
     """Only the families measured exact run recurrent layers: a dense model's config with one is refused."""
     config = transformers.LlamaConfig(
