@@ -97,7 +97,7 @@ def unknown_state(model: Any, kinds: list[str]) -> str | None:
     model_type = getattr(text, "model_type", None)
     refused = RECURRENT_REFUSED.get(str(model_type))
     if refused is not None:
-        return f"{name} {refused}"
+        return f"{name} keeps recurrent state the fast path does not run: it {refused}"
     family = RECURRENT_FAMILIES.get(str(model_type))
     recurrent_types = family.layer_types if family is not None else frozenset()
     biased = [] if family is None else _pad_bias(family, text)
