@@ -72,7 +72,7 @@ def test_bench_arguments_parse() -> None:
     defaults = cli.build_parser().parse_args(["bench"])
     assert defaults.new_tokens == [16]
     assert defaults.variants == list(bench.DEFAULT_VARIANTS)
-    assert (defaults.batch, defaults.dtype) == ([1], "float32")
+    assert (defaults.batch, defaults.dtype) == ([2], "float32")  # the README's call
     sized = cli.build_parser().parse_args(["bench", "--batch", "1,8,32", "--dtype", "bfloat16"])
     assert (sized.batch, sized.dtype) == ([1, 8, 32], "bfloat16")
 
@@ -244,7 +244,7 @@ def test_the_default_run_leaves_out_the_slow_stock_variants_and_says_so() -> Non
     assert len(jobs) == 8 and not any(j.capped for j in jobs)
     assert not set(bench.SKIPPED_BY_DEFAULT) & set(args.variants)
     assert bench.plan_line(jobs, args) == (
-        "xla-cache-patch bench: 8 runs, each in its own process (8 variants x 16 new tokens x batch 1)"
+        "xla-cache-patch bench: 8 runs, each in its own process (8 variants x 16 new tokens x batch 2)"
     )
     longer = cli.build_parser().parse_args(["bench", "--new-tokens", "16,64"])
     jobs = bench.plan_jobs(longer.variants, longer.new_tokens, longer.stock_generate_cap, (1,))
