@@ -715,11 +715,11 @@ def row_failure(row: dict[str, Any]) -> str | None:
 def failed_rows(rows: list[dict[str, Any]]) -> list[str]:
     """One line per failed row: the row (variant, batch, new tokens) and what failed."""
     failures = []
-    for key in dict.fromkeys(_key(r) for r in rows):
-        row = next(r for r in rows if _key(r) == key)
+    for variant, new_tokens, batch in dict.fromkeys(_key(r) for r in rows):
+        row = next(r for r in rows if _key(r) == (variant, new_tokens, batch))
         reason = row_failure(row)
         if reason:
-            failures.append(f"{job_label(*key[:1], key[2], key[1])}: {reason}")
+            failures.append(f"{job_label(variant, batch, new_tokens)}: {reason}")
     return failures
 
 
