@@ -7,6 +7,7 @@ so its values share them. XLA:CPU dies near 40 graphs in one process: a case gro
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py match --beams 2
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py compiles --new-tokens 64
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py fallbacks
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py budgets
 """
 
 from __future__ import annotations
@@ -206,9 +207,50 @@ def case_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     return {"keys": keys, "plain_fast": plain.fast}
 
 
+BUDGETS = (10, 7, 9)  # one cache bucket for both models (prompt bucket 16 + new: 32; T5's 1 + new: 16)
+
+
+def case_budgets(args: argparse.Namespace) -> dict[str, Any]:
+    """Beam search with max_new_tokens 10, 7, 9 in one bucket, decoder-only (Llama) and encoder-decoder
+    (T5): the first call compiles the bucket's graphs, the next ones none; tokens (and scores, beam indices)
+    equal CPU stock generate (Llama with an eos id, T5 without)."""
+    from tests.xla_scripts.gen_encdec import inputs as seq2seq_inputs
+    from xla_cache_patch.tools import tiny
+
+    llama = build("llama")
+    ids, mask = prompts(2)
+    eos = _pick_eos(llama, ids, mask, 2, max(BUDGETS))[:1]
+    t5 = tiny.tiny_seq2seq("t5")
+    t5_ids, t5_mask = seq2seq_inputs(t5)
+    runs = {
+        "llama": (llama, ids, mask, dict(eos_token_id=eos)),
+        "t5": (t5, t5_ids, t5_mask, dict(eos_token_id=None, early_stopping="never")),
+    }
+    refs = {
+        name: [model.generate(i, attention_mask=m, **_kw(2, new, **extra)) for new in BUDGETS]
+        for name, (model, i, m, extra) in runs.items()
+    }
+    xla_cache_patch.apply()
+    result: dict[str, Any] = {"budgets": list(BUDGETS)}
+    for name, (model, i, m, extra) in runs.items():
+        on_xla(model)
+        xi, xm = i.to(model.device), m.to(model.device)
+        per_call, match, took = [], [], []
+        for new, ref in zip(BUDGETS, refs[name], strict=True):
+            before = compiles()
+            with xla_cache_patch.fastgen.recorded() as decisions:
+                got = model.generate(xi, attention_mask=xm, **_kw(2, new, **extra))
+            per_call.append(compiles() - before)
+            took += ["fast" if d.fast else str(d) for d in decisions]
+            match.append(_same(got, ref))
+        lengths = [int(r.sequences.shape[1]) for r in refs[name]]
+        result[name] = {"compiles": per_call, "results": match, "took": took, "lengths": lengths}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["match", "compiles", "sample", "fallbacks"])
+    parser.add_argument("case", choices=["match", "compiles", "sample", "fallbacks", "budgets"])
     parser.add_argument("--beams", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--one-eos", action="store_true")
@@ -219,6 +261,7 @@ def main() -> None:
         "compiles": case_compiles,
         "sample": case_sample,
         "fallbacks": case_fallbacks,
+        "budgets": case_budgets,
     }
     result = cases[args.case](args)
     print("RESULT " + json.dumps(result))
