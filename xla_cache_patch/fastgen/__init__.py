@@ -86,21 +86,59 @@ _RECORDED: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVa
 )
 
 
+@dataclass(eq=False)
+class _Recording:
+    """An open ``recorded(threads=True)`` block, for the threads started while it is open: a plain
+    ``threading.Thread`` does not inherit the context (so not ``_RECORDED``) of the thread that starts it."""
+
+    decisions: list[Decision]
+    before: tuple[threading.Thread, ...]  # the threads alive when the block opened: never recorded here
+
+    def sees(self, thread: threading.Thread) -> bool:
+        return not any(thread is old for old in self.before)
+
+
+# The open ``recorded(threads=True)`` blocks, newest last. Consulted only by a thread that has no block of
+# its own, and only for blocks opened before that thread started.
+_OPEN: list[_Recording] = []
+_open_lock = threading.Lock()
+
+
 @contextlib.contextmanager
-def recorded(into: list[Decision] | None = None) -> Iterator[list[Decision]]:
-    """Collect the :class:`Decision` of every ``generate`` call this thread makes in the block, in order
-    (a call whose fast path failed part-way records the fallback that answered it), appended to ``into``
-    (a new list by default). A fallback is recorded before transformers' loop runs."""
+def recorded(into: list[Decision] | None = None, threads: bool = True) -> Iterator[list[Decision]]:
+    """Collect the :class:`Decision` of every ``generate`` call the block makes, in order (a call whose
+    fast path failed part-way records the fallback that answered it), appended to ``into`` (a new list by
+    default). A fallback is recorded before transformers' loop runs.
+
+    The calls of this thread (or asyncio task) are recorded, and with ``threads=True`` (the default) also
+    those of the threads started while the block is open that have no ``recorded()`` block of their own
+    (``Thread(target=model.generate, ...)`` with a ``TextIteratorStreamer``): a plain ``threading.Thread``
+    does not inherit the context of the thread that starts it, so it is recognised by having started after
+    the block opened. Threads alive before the block opened are never recorded by it, nor calls made after
+    it closed. A thread some other code starts while the block is open counts too: ``threads=False``
+    records this thread's calls only. With nested blocks, a thread's call goes to the newest one it sees.
+    """
     decisions: list[Decision] = [] if into is None else into
     token = _RECORDED.set(decisions)
+    recording = _Recording(decisions, tuple(threading.enumerate())) if threads else None
+    if recording is not None:
+        with _open_lock:
+            _OPEN.append(recording)
     try:
         yield decisions
     finally:
         _RECORDED.reset(token)
+        if recording is not None:
+            with _open_lock:
+                _OPEN.remove(recording)
 
 
 def _record(decision: Decision) -> None:
     decisions = _RECORDED.get()
+    if decisions is None:
+        current = threading.current_thread()
+        with _open_lock:
+            decisions = next((r.decisions for r in reversed(_OPEN) if r.sees(current)), None)
     if decisions is not None:
         decisions.append(decision)
 
