@@ -30,6 +30,7 @@ from xla_cache_patch.fastgen.plan import (
     CACHE_KWARGS,
     EOS_CHECK_KWARG,
     REPLAY_KWARG,
+    REPORT_FIX,
     STALE_ATTR,
     Fallback,
     Plan,
@@ -156,7 +157,7 @@ def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: boo
     except Fallback as reason:
         return reason
     except Exception as exc:  # a surprise while planning must not break generate
-        return Fallback(f"could not plan the fast path: {exc!r}", on_xla=_on_xla(model))
+        return Fallback(f"could not plan the fast path: {exc!r}", fix=REPORT_FIX, on_xla=_on_xla(model))
 
 
 def _on_xla(model: Any) -> bool:
@@ -225,7 +226,11 @@ def generate_wrapper(
     if _IN_FALLBACK.get():
         return call_as_caller(wrapped, args, own_free)
     if instance is None:
-        return _fallback(wrapped, args, own_free, Fallback("generate called without a model instance"))
+        why = Fallback(
+            "generate called without a model instance",
+            fix="Call generate on the model: model.generate(...), not type(model).generate(...).",
+        )
+        return _fallback(wrapped, args, own_free, why)
     _check_stale(instance, kwargs)
     result = _plan(instance, args, kwargs, policy)
     if isinstance(result, Fallback):
@@ -252,7 +257,7 @@ def generate_wrapper(
         failed = Fallback(
             f"the fast path failed on {type(instance).__name__} ({type(exc).__name__}: {exc})",
             key=f"failed:{type(instance).__name__}:{type(exc).__name__}",
-            fix="Please report it with this message; transformers' loop gives the answer meanwhile.",
+            fix=REPORT_FIX,
         )
     # Outside the except block: the traceback (and the failed call's device tensors) are gone by now.
     return _fallback(wrapped, args, own_free, failed)
