@@ -83,6 +83,14 @@ def test_each_refusal_names_its_fix() -> None:
     right, inference = (w["message"] for w in result["warnings"])
     assert len(result["warnings"]) == 2
     assert 'padding_side = "left"' in right and "torch.no_grad() instead" in inference
+    # a Decision's repr is one line: the plan's shape and mode, not its tensors
+    reprs = result["reprs"]
+    assert reprs["fast"] == (
+        "Decision(fast=True, plan=Plan(batch=2, prompt=8, prompt_bucket=16, cache_len=32, max_new_tokens=4, "
+        "greedy, eos=[], processors=[]))"
+    ), reprs["fast"]
+    assert reprs["str"] == "fast path"
+    assert reprs["fallback"].startswith("Decision(fast=False, key='inference-mode', message=")
 
 
 @pytest.mark.parametrize("era", ERAS)

@@ -395,6 +395,8 @@ def case_fixes(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         decision = xla_cache_patch.fastgen.decide(model, (ids,), dict(attention_mask=mask, **base))
     decided["inference_mode"] = {"fast": decision.fast, "key": decision.key, "fix": decision.fix}
+    fast = xla_cache_patch.fastgen.decide(model, (ids,), dict(attention_mask=mask, **base))
+    reprs = {"fast": repr(fast), "str": str(fast), "fallback": repr(decision)}
     xla_cache_patch.apply()
     RECORDS.clear()
     kwargs = dict(base, max_new_tokens=2, cache_implementation="static")
@@ -407,6 +409,7 @@ def case_fixes(args: argparse.Namespace) -> dict[str, Any]:
     _, inference_error = attempt(under_inference_mode)
     return {
         "decided": decided,
+        "reprs": reprs,
         "took": RECORDS.took(),
         "warnings": RECORDS.warnings(),
         "right_error": right_error,

@@ -59,7 +59,7 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Decision:
     """Whether a ``generate`` call takes the fast path and, if not, why: for callers, tests and tools.
 
@@ -79,6 +79,12 @@ class Decision:
 
     def __str__(self) -> str:
         return "fast path" if self.fast else f"falls back: {self.message}"
+
+    def __repr__(self) -> str:
+        """Short: the plan's one line, not its tensors (``print(decision)`` shows ``__str__``)."""
+        if self.fast:
+            return f"Decision(fast=True, plan={self.plan!r})"
+        return f"Decision(fast=False, key={self.key!r}, message={self.message!r}, fix={self.fix!r})"
 
 
 # Decisions of the generate calls made inside ``recorded()`` blocks of this thread / task.

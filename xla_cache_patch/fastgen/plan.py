@@ -179,7 +179,7 @@ class ForwardSpec:
     encoder_decoder: bool = False  # takes encoder_outputs / decoder_input_ids (fastgen.encdec)
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
     """Everything the static loop needs, computed on the host before any device work."""
 
@@ -222,6 +222,33 @@ class Plan:
     def host_stops(self) -> bool:
         """Does the loop need the tokens on the host at its check points?"""
         return bool(self.host_criteria) or self.max_time is not None or self.streamer is not None
+
+    def __repr__(self) -> str:
+        """The call's shape and mode in one line (the tensors, the cache and the model's spec left out)."""
+        batch, length = self.input_ids.shape
+        if self.beams is not None:
+            mode = f"beams={self.beams.num_beams}" + (" sampled" if self.beams.sample else "")
+        else:
+            mode = "sampling" if self.do_sample else "greedy"
+        parts = [
+            f"batch={batch}",
+            f"prompt={length}",
+            f"prompt_bucket={self.prompt_bucket}",
+            f"cache_len={self.cache_len}",
+            f"max_new_tokens={self.max_new_tokens}",
+            mode,
+            f"eos={list(self.eos_token_ids)}",
+            f"processors={list(self.logits.names)}",
+        ]
+        if self.cache_start:
+            parts.append(f"held={self.cache_start}")
+        if self.cache is not None:
+            parts.append("user cache")
+        if self.encoder is not None:
+            parts.append("encoder-decoder")
+        if self.host_stops:
+            parts.append("host stops")
+        return f"Plan({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
