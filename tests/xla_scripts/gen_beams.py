@@ -141,8 +141,12 @@ def case_compiles(args: argparse.Namespace) -> dict[str, Any]:
 
 def case_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Beam sampling (do_sample=True, num_beams > 1): step-0 processed scores equal CPU's (allclose, the
-    same -inf set); a seed reproduces its sequences, another seed changes them; at temperature 0.01 the draw
-    is the top candidates, so the tokens equal CPU's; new warper values compile nothing."""
+    same -inf set); a seed reproduces its sequences, another seed changes them; new warper values compile
+    nothing. At temperature 0.01 the fast path's draw is the top candidates: every returned hypothesis is
+    beam search's. CPU's draw there is not (its softmax underflows to a few non-zero entries, and
+    torch.multinomial without replacement fills the other candidates with zero-probability ids): on a
+    model with peaked logits (the lm_head scaled up) its lower hypotheses differ from beam search's, while
+    its best one, like ours, is beam search's."""
     model = build("llama")
     ids, mask = prompts(2)
     new, beams = args.new_tokens, args.beams
@@ -154,6 +158,12 @@ def case_sample(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         refs.append(model.generate(ids, attention_mask=mask, **kw, **extra))
     cold_ref = model.generate(ids, attention_mask=mask, **kw, **cold).sequences
+    peaked = build("llama")
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(30.0)
+    every = {**kw, "num_return_sequences": beams}
+    peaked_search = peaked.generate(ids, attention_mask=mask, **{**every, "do_sample": False}).sequences
+    peaked_cpu = peaked.generate(ids, attention_mask=mask, **every, **cold).sequences
     on_xla(model)
     xla_cache_patch.apply()
     xids, xmask = ids.to(model.device), mask.to(model.device)
@@ -171,7 +181,15 @@ def case_sample(args: argparse.Namespace) -> dict[str, Any]:
     before = compiles()
     cold_got = model.generate(xids, attention_mask=xmask, **kw, **cold).sequences.cpu()
     per_call.append(compiles() - before)
+    on_xla(peaked)
+    peaked_got = peaked.generate(xids, attention_mask=xmask, **every, **cold).sequences.cpu()
+    best = slice(None, None, beams)  # each prompt's best hypothesis
     return {
+        "peaked": {
+            "ours_all_equal_search": torch.equal(peaked_got, peaked_search),
+            "cpu_all_equal_search": torch.equal(peaked_cpu, peaked_search),
+            "best_equal": torch.equal(peaked_got[best], peaked_cpu[best]),
+        },
         "transformers": transformers.__version__,
         "took": took,
         "step0_scores": step0,
