@@ -795,3 +795,21 @@ def test_bench_refuses_a_model_of_the_wrong_kind_for_a_variant(capsys: pytest.Ca
     parsed = cli.build_parser().parse_args(["bench", "--variants", "generate-beams,generate-encdec"])
     assert parsed.variants == ["generate-beams", "generate-encdec"]
     assert "generate-beams" not in bench.DEFAULT_VARIANTS  # asked for by name
+
+
+def test_warmup_takes_the_generation_options_of_the_calls_to_come() -> None:
+    named = ["--do-sample", "--temperature", "0.7", "--top-k", "20", "--num-beams", "2"]
+    generic = ["--gen", "repetition_penalty=1.2", "--gen", "eos_token_id=[2, 3]", "--gen", "stop_strings=END"]
+    args = cli.build_parser().parse_args(["warmup", *named, *generic])
+    assert cli.generate_options(args) == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 20,
+        "num_beams": 2,
+        "repetition_penalty": 1.2,
+        "eos_token_id": [2, 3],
+        "stop_strings": "END",
+    }
+    assert cli.generate_options(cli.build_parser().parse_args(["warmup"])) == {}  # the model's config
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        cli.generate_options(cli.build_parser().parse_args(["warmup", "--gen", "top_p"]))
