@@ -277,7 +277,7 @@ def _prefill(
     )
     if plan.beams is not None:
         groups = batch // plan.beams.num_beams
-        state.beams = beam_search.initial_state(plan.beams, groups, width + 1, plan.max_new_tokens, device)
+        state.beams = beam_search.initial_state(plan.beams, groups, width + 1, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
     # Recurrent layers take the mask of the prefilled tokens as its last P columns (transformers'
     # create_recurrent_attention_mask): ours ends at the prompt, not at the cache's empty slots, or every
