@@ -6,6 +6,7 @@ Per family (a tiny random-weight model built from a config): CPU stock ``generat
 * ``greedy``: a left-padded batch of 2 (lengths 9 and 5) with an eos row 0 meets early, 8 new tokens;
 * ``long``: the same batch for 64 new tokens (its own cache bucket: as many graphs as ``greedy``);
 * ``single``: batch 1, 8 new tokens;
+* ``user_cache``: the same with a fresh ``StaticCache`` of the user's (48 slots);
 * ``sample``: step-0 processed scores of a sampling call (temperature, top-k, top-p), allclose, same -inf;
 * ``beams``: num_beams=2, 6 new tokens;
 * ``continue``: the cache a call returned cannot be continued (StaleCacheError, nothing run).
@@ -166,7 +167,7 @@ def references(model: torch.nn.Module, cases: list[str]) -> dict[str, Any]:
             ref[case] = model.generate(ids, attention_mask=mask, **_greedy(8, eos))
         elif case == "long":
             ref[case] = model.generate(ids, attention_mask=mask, **_greedy(64, eos))
-        elif case == "single":
+        elif case in ("single", "user_cache"):
             ref[case] = model.generate(ids[:1], attention_mask=mask[:1], **_greedy(8, None))
         elif case == "sample":
             ref[case] = model.generate(ids, attention_mask=mask, **_sample()).scores[:1]
@@ -179,12 +180,15 @@ def run_fast(model: torch.nn.Module, case: str, ref: dict[str, Any], device: Any
     import torch_xla
 
     ids, mask = prompts(2, lengths=LENGTHS)
-    if case == "single":
+    if case in ("single", "user_cache"):
         ids, mask = ids[:1], mask[:1]
     kwargs = {
         "greedy": lambda: _greedy(8, ref["eos"]),
         "long": lambda: _greedy(64, ref["eos"]),
         "single": lambda: _greedy(8, None),
+        "user_cache": lambda: dict(
+            _greedy(8, None), cache=transformers.StaticCache(config=model.config, max_cache_len=48)
+        ),
         "sample": _sample,
         "beams": _beams,
     }[case]()

@@ -434,9 +434,10 @@ def _recurrent_reason(plan: Plan, produced: int) -> str:
     """Why a cache with recurrent-state layers that the fast path filled cannot be continued."""
     pad = plan.prompt_bucket - (plan.input_ids.shape[1] - plan.cache_start)
     return (
-        f"its recurrent layers (SSM / convolution states) hold a state, not slots: it absorbed the {pad} "
-        f"bucket-padding tokens and every step the loop ran (up to {plan.eos_check_every} past the "
-        f"{produced} tokens kept), and no shift undoes that; the fast path does not continue such caches"
+        f"its recurrent layers (SSM / convolution states) hold a state, not slots: it went through every "
+        f"step the loop ran (up to {plan.eos_check_every} past the {produced} tokens kept) and its token "
+        f"count includes the bucket's {pad} padding positions; a state cannot be shifted or rolled back "
+        "as K/V slots are, so the fast path does not continue such caches"
     )
 
 
