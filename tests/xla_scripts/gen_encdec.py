@@ -291,7 +291,52 @@ def case_beams(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def case_families(args: argparse.Namespace) -> dict[str, Any]:
+    """Several families in one process (5 graphs each when fast): per family, 8 and 64 new tokens on a
+    right-padded batch of 2, tokens against CPU generate, graphs per call, or the refusal's reason."""
+    from tests.xla_scripts.common import DeclinedFastPath, attempt
+
+    kinds = args.models.split(",")
+    models = {kind: tiny.tiny_seq2seq(kind) for kind in kinds}
+    refs = {}
+    for kind, model in models.items():
+        ids, mask = inputs(model)
+        refs[kind] = attempt(
+            lambda model=model, ids=ids, mask=mask: {
+                n: model.generate(ids, attention_mask=mask, **_base(model, n), eos_token_id=None)
+                for n in (8, 64)
+            }
+        )
+    xla_cache_patch.apply()
+    device = torch_xla.device()
+    rows = {}
+    for kind, model in models.items():
+        ids, mask = inputs(model)
+        model = on_xla(model)
+        ref, ref_err = refs[kind]
+        row: dict[str, Any] = {"cpu_error": ref_err, "took": [], "match": {}, "compiles": {}}
+        for n in (8, 64):
+            RECORDS.clear()
+            RECORDS.abort_on_fallback = True
+            x = ids.to(device)
+            kw = dict(attention_mask=mask.to(device), **_base(model, n), eos_token_id=None)
+            (out, err), graphs = timed_call(
+                lambda call=model.generate, x=x, kw=kw: attempt(lambda: call(x, **kw))
+            )
+            RECORDS.abort_on_fallback = False
+            row["took"] += RECORDS.took()
+            row["compiles"][str(n)] = graphs
+            if err is not None:
+                declined = err["type"] == DeclinedFastPath.__name__
+                row["declined" if declined else "error"] = err["message"]
+                break
+            row["match"][str(n)] = ref is not None and torch.equal(sequences(out), ref[n])
+        rows[kind] = row
+    return {"families": rows}
+
+
 CASES = {
+    "families": case_families,
     "beams": case_beams,
     "era": case_era,
     "scores": case_scores,
@@ -307,6 +352,7 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(tiny.TINY_SEQ2SEQ), default="t5")
     ap.add_argument("--left", action="store_true", help="left-pad the short row")
     ap.add_argument("--new-tokens", type=int, default=10)
+    ap.add_argument("--models", default="t5", help="families: comma-separated TINY_SEQ2SEQ kinds")
     run_case(CASES, ap)
 
 

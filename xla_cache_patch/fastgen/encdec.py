@@ -27,6 +27,22 @@ OWN_GENERATE = {
     "whisper": "Whisper has its own generate (long-form chunking, timestamps, language detection and "
     "forced decoder prompts on the host); the fast path would need those as device-side processors",
 }
+_XLA_CAST = (
+    "its decoder positions add the cache length (a device counter on a static cache) to int32 token "
+    "counts, then cast to int64: torch_xla 2.9 cannot lower that cast (shift-left with s64 and s32)"
+)
+#: Model types the static loop cannot run or gets wrong, with why (measured by tests/xla_scripts/
+#: gen_encdec.py families against CPU generate): refused before anything runs.
+NOT_FAST = {
+    "m2m_100": _XLA_CAST,  # NLLB's class
+    "nllb-moe": _XLA_CAST,
+    "led": "its decoder positions are torch.arange(cache_length, ...): a host read of the cache length "
+    "that bakes each step's position into the step graph (a graph per step, other tokens than CPU's)",
+    "fsmt": "its decoder positions compare the cache length with the position table on the host every "
+    "step, and its tokens on the static loop differ from CPU generate's after some steps",
+    "prophetnet": "its n-gram decoder does not run with a static cache (stock generate raises with "
+    "cache_implementation='static' too)",
+}
 
 
 @dataclass

@@ -285,6 +285,13 @@ def _check_encoder_decoder(model: Any) -> None:
         f"own-generate:{model_type}",
         "Nothing to do: transformers' generate runs it (one graph per step).",
     )
+    unsupported = encdec.NOT_FAST.get(model_type)
+    _require(
+        unsupported is None,
+        f"{type(model).__name__}: {unsupported}",
+        f"encoder-decoder-family:{model_type}",
+        "Nothing to do: transformers' generate runs it (one graph per step).",
+    )
     from transformers import GenerationMixin
 
     _require(
