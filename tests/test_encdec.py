@@ -80,6 +80,8 @@ def test_beams_match_cpu_generate(model: str) -> None:
     for case in result["results"]:
         assert case["sequences"] and case["scores"] and case["beam_indices"] and case["steps"], case
     assert [case["compiles"] for case in result["results"]] == [3, 0, 3, 2, 2]
+    for case in result["results"]:  # transformers' encoder-decoder beam output, its fields as stock's
+        assert case["type"] == ["GenerateBeamEncoderDecoderOutput"] * 2 and case["fields_equal"], case
     assert result["ended_early"]
     assert result["long"] == {"compiles": 2, "shape": [2, 65]}
     assert result["sampled"] == {"match": True, "reproducible": True}
@@ -101,7 +103,20 @@ def test_return_dict_with_scores() -> None:
     result = run_case("scores", "--model", "t5")
     assert result["took"] == ["fast"]
     assert result["type"] == result["ref_type"] == "GenerateEncoderDecoderOutput"
+    assert result["fields_equal"]  # encoder_* / decoder_* None, as stock without output_attentions etc.
     assert result["match"] and result["scores_close"] and result["steps"] == 6
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_given_encoder_outputs_without_input_ids() -> None:
+    """The encoder already ran: encoder_outputs= with the attention_mask, and without (stock then
+    attends every position). Fast, CPU's tokens; graphs: the states padded to the bucket, the prefill and
+    the decode step, then none for the second call."""
+    result = run_case("given-encoder", "--model", "bart", "--new-tokens", "6")
+    assert result["took"] == ["fast", "fast"]
+    assert result["match"] == {"mask": True, "no_mask": True} and result["mask_equals_input_ids"]
+    assert result["compiles"] == {"mask": 3, "no_mask": 0} and result["device"] == "xla:0"
 
 
 @pytest.mark.xla

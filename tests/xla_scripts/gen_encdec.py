@@ -66,6 +66,13 @@ def _base(model: Any, new_tokens: int) -> dict[str, Any]:
     return dict(max_new_tokens=new_tokens, cache_implementation="static", do_sample=False)
 
 
+def _fields(out: Any) -> dict[str, bool]:
+    """Which fields of a generate output are set (its type's, as transformers fills them)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(out, f.name) is not None for f in fields(out)}
+
+
 def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
     """Greedy, with an eos that stops row 0 early, and with processors; tokens equal to CPU generate."""
     model = tiny.tiny_seq2seq(args.model)
@@ -216,6 +223,7 @@ def case_scores(args: argparse.Namespace) -> dict[str, Any]:
         "took": RECORDS.took(),
         "type": type(out).__name__,
         "ref_type": type(ref).__name__,
+        "fields_equal": _fields(out) == _fields(ref),
         "match": torch.equal(sequences(out), ref.sequences),
         "scores_close": close,
         "steps": len(out.scores),
@@ -272,7 +280,15 @@ def case_beams(args: argparse.Namespace) -> dict[str, Any]:
                 x_ids, attention_mask=x_mask, **base, eos_token_id=eos, **extra
             )
         )
-        results.append({"options": repr(extra), **_same(out, ref), "compiles": graphs})
+        results.append(
+            {
+                "options": repr(extra),
+                **_same(out, ref),
+                "compiles": graphs,
+                "type": [type(out).__name__, type(ref).__name__],
+                "fields_equal": _fields(out) == _fields(ref),
+            }
+        )
     ended = any(bool((r.sequences[:, 1:-1] == eos).any()) for r in refs)
     # 64 new tokens (eos off: every step runs): the decoder graphs of a longer cache, the encoder's reused
     long_kw = dict(**_base(model, 64), num_beams=4, early_stopping="never", eos_token_id=None)
@@ -335,7 +351,41 @@ def case_families(args: argparse.Namespace) -> dict[str, Any]:
     return {"families": rows}
 
 
+def case_given_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    """``encoder_outputs=`` without input_ids (the encoder already ran), with the attention_mask and
+    without: the fast path skips the encoder and gives CPU generate's tokens (which equal those from
+    input_ids when the mask is given)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = tiny.tiny_seq2seq(args.model)
+    ids, mask = inputs(model)
+    base = dict(**_base(model, args.new_tokens), eos_token_id=None)
+    with torch.no_grad():
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    from_ids = model.generate(ids, attention_mask=mask, **base)
+    refs = {
+        "mask": model.generate(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, **base),
+        "no_mask": model.generate(encoder_outputs=BaseModelOutput(hidden), **base),
+    }
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    given = BaseModelOutput(last_hidden_state=hidden.to(device))
+    match, graphs = {}, {}
+    for name, kw in (("mask", {"attention_mask": mask.to(device)}), ("no_mask", {})):
+        out, graphs[name] = timed_call(lambda kw=kw: model.generate(encoder_outputs=given, **kw, **base))
+        match[name] = torch.equal(sequences(out), refs[name])
+    return {
+        "took": RECORDS.took(),
+        "match": match,
+        "compiles": graphs,
+        "mask_equals_input_ids": torch.equal(refs["mask"], from_ids),
+        "device": str(out.device),
+    }
+
+
 CASES = {
+    "given-encoder": case_given_encoder,
     "families": case_families,
     "beams": case_beams,
     "era": case_era,
