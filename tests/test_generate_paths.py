@@ -144,3 +144,12 @@ def test_no_cache_requested_on_unsupported_model_4_46() -> None:
     assert result["error"] is None
     assert "fast" not in result["took"], result["took"]
     assert result["match"]
+
+
+def test_dynamic_sliding_window_on_transformers_loop() -> None:
+    """A window longer than the sequence (Mistral, 4096): stock's DynamicSlidingWindowLayer slices past
+    the start, which XLA rejects ("Value out of range"); the era adapter clamps the slices on XLA, so a
+    fallback runs and gives CPU's tokens, and a crop past the window keeps CPU's slots."""
+    result = run_paths("dynamic-window")
+    assert result["took"] == ["fallback"] and result["error"] is None, result
+    assert result["match"] and result["crop_equal"], result

@@ -417,6 +417,37 @@ def case_fixes(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def case_dynamic_window(args: argparse.Namespace) -> dict[str, Any]:
+    """Mistral with a 4096-token window and a 5-token prompt on transformers' own loop (a dynamic cache):
+    stock's sliding layer slices ``[-window + 1:]`` past the start, which XLA rejects; patched, CPU's
+    tokens. Then ``crop`` past the window (assisted decoding's rollback) on XLA equals CPU's."""
+    config = transformers.MistralConfig(**LLAMA_FIELDS, sliding_window=4096, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids, mask = prompts(args.batch)
+    kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False)
+    kw.update(cache_implementation="dynamic", eos_token_id=None, pad_token_id=PAD)
+    ref = model.generate(ids, **kw)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    out, err = attempt(lambda: model.generate(ids.to(device), **{**kw, "attention_mask": mask.to(device)}))
+    crops = {}
+    for where in ("cpu", device):
+        layer = transformers.cache_utils.DynamicSlidingWindowLayer(sliding_window=4)
+        layer.activate_past_recording()
+        keys = torch.arange(4.0).reshape(1, 1, 4, 1).to(where)
+        layer.update(keys, keys)
+        layer.crop(-2)  # keeps [-5:-2] of 4 slots
+        crops[str(where)] = layer.keys.cpu().flatten().tolist()
+    return {
+        "took": RECORDS.took(),
+        "error": err,
+        "match": out is not None and torch.equal(out.cpu(), ref),
+        "crop_equal": len(set(map(tuple, crops.values()))) == 1,
+    }
+
+
 CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "default-cache": case_default_cache,
     "explicit-optout": case_explicit_optout,
@@ -426,6 +457,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "refused": case_refused,
     "no-cache-requested-unsupported": case_no_cache_requested_unsupported,
     "fixes": case_fixes,
+    "dynamic-window": case_dynamic_window,
 }
 
 # what each case runs unless told otherwise: the stock-on-XLA steps stay few
@@ -438,6 +470,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "refused": {"new_tokens": 4, "model": "gpt-neo"},
     "no-cache-requested-unsupported": {"new_tokens": 4, "model": "gpt-neo"},
     "fixes": {"new_tokens": 4},
+    "dynamic-window": {"new_tokens": 3, "batch": 2},
 }
 
 

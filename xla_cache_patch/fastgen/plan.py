@@ -397,6 +397,13 @@ def _check_encoder_decoder(model: Any) -> None:
         f"own-generate:{model_type}",
         "Nothing to do: transformers' generate runs it (one graph per step).",
     )
+    unsupported = encdec.NOT_FAST.get(model_type)
+    _require(
+        unsupported is None,
+        f"{type(model).__name__}: {unsupported}",
+        f"encoder-decoder-family:{model_type}",
+        "Nothing to do: transformers' generate runs it (one graph per step).",
+    )
     adapter = compat.current()
     _require(
         adapter.make_encdec_cache is not None,
@@ -697,6 +704,19 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
     return given[0] if given else None
 
 
+def _check_era_static_cache(model: Any) -> None:
+    """A model whose static cache the installed transformers itself breaks (the era adapter knows which)."""
+    adapter = compat.current()
+    broken = adapter.broken_static(model.config)
+    model_type = getattr(model.config, "model_type", None)
+    _require(
+        broken is None,
+        f"{type(model).__name__} on transformers era {adapter.name}: {broken}",
+        f"era-static-broken:{model_type}",
+        "Upgrade transformers; meanwhile transformers' generate runs it (one graph per step).",
+    )
+
+
 def _check_user_cache(model: Any, cache: Any, batch: int) -> None:
     adapter = compat.current()
     _check_state(model, adapter.cache_kinds(cache))
@@ -981,7 +1001,8 @@ def plan_request(
         "inputs_embeds",
         "Pass input_ids instead of inputs_embeds.",
     )
-    ids = _input_ids(inputs)
+    given = _given_encoder_outputs(spec, inputs, kwargs)
+    ids = _input_ids(inputs if given is None else torch.full(given.shape[:2], -100))
     _require(
         hooks.streamer is None or ids.shape[0] == 1,
         f"a streamer with a batch of {ids.shape[0]} (transformers' streamers take batch 1)",
@@ -1004,11 +1025,13 @@ def plan_request(
     encoder = None
     if spec.encoder_decoder:  # the encoder runs on the prompts; the decoder's rows are expanded
         encoder = _encoder_inputs(model, config, cpu_ids, mask, pad)
+        encoder.given = given
         cpu_ids = encoder.decoder_ids()
         mask = torch.ones_like(cpu_ids)
     else:
         cpu_ids, mask = _expand(config, cpu_ids, mask)
     cache = _user_cache(model, model_kwargs, config, policy)
+    _check_era_static_cache(model)
     _require(
         encoder is None or cache is None,
         "a cache object with an encoder-decoder model",
@@ -1057,7 +1080,7 @@ def plan_request(
     return Plan(
         input_ids=cpu_ids,
         attention_mask=mask,
-        out_device=ids.device,
+        out_device=ids.device if given is None else given.device,
         max_new_tokens=max_new,
         eos_token_ids=eos,
         pad_token_id=0 if pad is None else pad,
@@ -1083,6 +1106,27 @@ def plan_request(
         encoder=encoder,
         beams=beams,
     )
+
+
+def _given_encoder_outputs(spec: ForwardSpec, inputs: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """``encoder_outputs=`` without input_ids (the encoder already ran): its last hidden state, taken as
+    stock takes it (the attention_mask given, else every position); input_ids then stand in as -100s,
+    as transformers makes them."""
+    outputs = kwargs.get("encoder_outputs")
+    if inputs is not None or outputs is None or not spec.encoder_decoder:
+        return None
+    kwargs.pop("encoder_outputs")
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None and isinstance(outputs, (tuple, list)) and outputs:
+        hidden = outputs[0]
+    _require(
+        isinstance(hidden, torch.Tensor) and hidden.ndim == 3 and hidden.is_floating_point(),
+        "encoder_outputs without a [batch, length, hidden] last_hidden_state",
+        "encoder_outputs-shape",
+        "Pass the encoder's own output (a BaseModelOutput whose last_hidden_state is [batch, length, "
+        "hidden]), or input_ids.",
+    )
+    return hidden
 
 
 def _encoder_inputs(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int | None) -> Any:
