@@ -130,8 +130,11 @@ def _forward(
     positions: torch.Tensor,
     slots: torch.Tensor,
     encoded: encdec.Encoded | None = None,
+    media: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """One forward; returns the float32 logits of the last position, [B, V].
+
+    ``media``: an image-and-text model's prefill inputs (pixel_values, ...: fastgen.multimodal).
 
     With ``encoded`` (an encoder-decoder model) ``ids`` and ``mask`` are the decoder's, over the encoder's
     output; its positions are the cache slots (the decoder is never padded), so ``positions`` is unused.
@@ -143,6 +146,7 @@ def _forward(
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         if spec.logits_kwarg is not None:
             kwargs[spec.logits_kwarg] = 1
+        kwargs.update(media or {})
     kwargs.update({spec.cache_kwarg: cache, "use_cache": True, "return_dict": True})
     if spec.cache_position:
         kwargs["cache_position"] = slots
@@ -279,8 +283,9 @@ def _prefill(
         groups = batch // plan.beams.num_beams
         state.beams = beam_search.initial_state(plan.beams, groups, width + 1, plan.max_new_tokens, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
+    media = None if plan.media is None else plan.media.prefill_kwargs(bucket, device)
     logits = _forward(
-        model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded
+        model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded, media
     )
     # beams: every beam of a prompt holds the same prompt, so the cache needs no reorder yet
     scores, alive, _ = _select(logits, state, state.slot, plan, consts)

@@ -181,6 +181,7 @@ class Plan:
     # (its start token, [B, 1]), and the prompt bucket is 1 (fastgen.encdec).
     encoder: Any | None = None
     beams: Beams | None = None  # beam search (input_ids then holds each prompt num_beams times)
+    media: Any | None = None  # image-and-text models: the prefill's images (fastgen.multimodal.Inputs)
 
     @property
     def first_slot(self) -> int:
@@ -256,10 +257,7 @@ def _check_model(model: Any) -> ForwardSpec:
     if encoder_decoder:
         _check_encoder_decoder(model)
     else:
-        get_text_config = getattr(config, "get_text_config", None)
-        _require(
-            get_text_config is None or get_text_config() is config, "multimodal models are not supported"
-        )
+        _check_multimodal(model)
     _require(
         getattr(model, "main_input_name", "input_ids") == "input_ids", "the model does not take input_ids"
     )
@@ -271,6 +269,37 @@ def _check_model(model: Any) -> ForwardSpec:
     spec = forward_spec(type(model), encoder_decoder)
     _require(spec is not None, "the forward does not take input_ids/attention_mask/position_ids and a cache")
     return spec  # type: ignore[return-value]
+
+
+def _check_multimodal(model: Any) -> None:
+    """Image-and-text wrappers: their family's rules (fastgen.multimodal) or a precise refusal."""
+    from xla_cache_patch.fastgen import multimodal
+
+    if not multimodal.is_multimodal(model.config):
+        return
+    try:
+        multimodal.family(model)
+    except multimodal.Refused as refused:
+        raise Fallback(str(refused), refused.key, refused.fix) from None
+
+
+def _media(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad: int, config: Any) -> Any:
+    """The call's images (fastgen.multimodal.Inputs), or None for a text model; Fallback for the uncovered."""
+    from xla_cache_patch.fastgen import multimodal
+
+    if not multimodal.is_multimodal(model.config):
+        return None
+    try:
+        media = multimodal.take_inputs(model, model_kwargs, ids, pad)
+    except multimodal.Refused as refused:
+        raise Fallback(str(refused), refused.key, refused.fix) from None
+    _require(
+        not media or _rows_per_prompt(config) == 1,
+        "images with num_beams or num_return_sequences > 1",
+        "multimodal-expand",
+        "Generate one sequence per image prompt (num_beams=1, num_return_sequences=1).",
+    )
+    return media or None
 
 
 def _check_encoder_decoder(model: Any) -> None:
@@ -738,7 +767,14 @@ def plan_request(
         mask = torch.ones_like(cpu_ids)
     else:
         cpu_ids, mask = _expand(config, cpu_ids, mask)
+    media = None if spec.encoder_decoder else _media(model, model_kwargs, cpu_ids, pad or 0, config)
     cache = _user_cache(model, model_kwargs, config, policy)
+    _require(
+        media is None or cache is None,
+        "images with a cache object",
+        "multimodal-cache",
+        "Pass cache_implementation='static' (or nothing) with images, no cache object.",
+    )
     _require(
         encoder is None or cache is None,
         "a cache object with an encoder-decoder model",
@@ -791,6 +827,7 @@ def plan_request(
         streamer=hooks.streamer,
         encoder=encoder,
         beams=beams,
+        media=media,
     )
 
 

@@ -1,0 +1,202 @@
+"""Image-and-text models (Llava, Gemma 3, Qwen-VL, Mistral 3, Llama 4) on the fast path: what each family
+needs beyond its language model, in one table.
+
+The decoder these wrappers run is a language model the fast path already runs; the cache is built from
+``config.get_text_config(decoder=True)`` (transformers' StaticCache does that itself). Text prompts need
+nothing else where the family's own generation rules reduce to the text model's (Qwen-VL's 3-D rope ids are
+the text positions replicated for a prompt without images). Images are run by the wrapper's own forward in
+the prefill graph: ``pixel_values`` (and friends) go in as they are, per-token inputs such as Gemma 3's
+``token_type_ids`` are left-padded with the prompt, so transformers' ``get_image_features`` /
+``get_placeholder_mask`` / ``masked_scatter`` and its masks see what they see in stock ``generate``. Decode
+steps get none of them, as in transformers' ``prepare_inputs_for_generation`` after the first iteration.
+
+A family or an input not in the table is refused with its reason: guessing is not safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Model kwargs of generate that carry images or other media, across the families below: any of them with
+# a value on a family that does not cover it is refused (never dropped: the tokens would change).
+MEDIA_KWARGS = (
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "input_features",
+    "input_features_mask",
+    "pixel_attention_mask",
+    "mm_token_type_ids",
+    "token_type_ids",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the fast path knows about one model_type of image-and-text wrapper.
+
+    ``text``: None when text prompts are covered, else why not. ``image``: None when image prompts are
+    covered, else why not. ``media``: kwargs passed to the prefill forward unchanged (batch-first or per
+    image). ``per_token``: [B, L] kwargs left-padded with 0 to the prompt bucket like the prompt.
+    ``text_ok``: kwargs accepted on a text prompt when all zero (a processor's output without images).
+    """
+
+    text: str | None = None
+    image: str | None = None
+    media: tuple[str, ...] = ()
+    per_token: tuple[str, ...] = ()
+    text_ok: tuple[str, ...] = ()
+
+
+_NOT_DONE = "image prompts of this family are not on the fast path yet"
+FAMILIES: dict[str, Family] = {
+    "llava": Family(media=("pixel_values", "image_sizes")),
+    # token_type_ids: 1 on image tokens; the prefill mask lets an image's tokens see each other
+    "gemma3": Family(media=("pixel_values",), per_token=("token_type_ids",), text_ok=("token_type_ids",)),
+    "mistral3": Family(image=_NOT_DONE, text_ok=()),
+    "qwen2_5_vl": Family(
+        image=_NOT_DONE + " (their 3-D rope positions and rope_deltas depend on the image grid)",
+        text_ok=("mm_token_type_ids",),
+    ),
+    "qwen3_vl": Family(
+        image=_NOT_DONE + " (their 3-D rope positions and rope_deltas depend on the image grid)",
+        text_ok=("mm_token_type_ids",),
+    ),
+    "llama4": Family(image=_NOT_DONE),
+}
+_FIX = "Nothing to do: transformers' generate runs it (one graph per step)."
+
+
+class Refused(Exception):
+    """This call is not covered: ``reason``, ``key`` (one warning per key) and ``fix``."""
+
+    def __init__(self, reason: str, key: str, fix: str = _FIX) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.fix = fix
+
+
+def is_multimodal(config: Any) -> bool:
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config is not None and get_text_config() is not config
+
+
+def family(model: Any) -> Family:
+    """The table's row for this wrapper, or Refused (unknown family, or its text prompts not covered)."""
+    model_type = getattr(model.config, "model_type", None)
+    row = FAMILIES.get(model_type)
+    if row is None:
+        raise Refused(
+            f"{type(model).__name__} (model_type {model_type!r}) is a multimodal model the fast path has no "
+            "rules for",
+            f"multimodal:{model_type}",
+        )
+    if row.text is not None:
+        raise Refused(f"{type(model).__name__}: {row.text}", f"multimodal-text:{model_type}")
+    return row
+
+
+@dataclass
+class Inputs:
+    """The media inputs of one call, on the host: ``media`` go to the prefill as they are, ``per_token``
+    are [B, L] and are left-padded with the prompt."""
+
+    media: dict[str, Any]
+    per_token: dict[str, torch.Tensor]
+
+    def __bool__(self) -> bool:
+        return bool(self.media or self.per_token)
+
+    def prefill_kwargs(self, bucket: int, device: torch.device) -> dict[str, Any]:
+        """The extra kwargs of the prefill forward, per-token ones left-padded with 0 to ``bucket``."""
+        out: dict[str, Any] = {}
+        for name, value in self.media.items():
+            out[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        for name, value in self.per_token.items():
+            padded = value.new_zeros((value.shape[0], bucket))
+            padded[:, bucket - value.shape[1] :] = value
+            out[name] = padded.to(device)
+        return out
+
+
+def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad: int) -> Inputs:
+    """Pop this family's media kwargs from ``model_kwargs``; Refused for media it does not cover.
+
+    ``ids`` are the prompts (CPU, [B, L]), ``pad`` the id the loop left-pads them with.
+    """
+    row = family(model)
+    model_type = model.config.model_type
+    name = type(model).__name__
+    given = {k: model_kwargs[k] for k in MEDIA_KWARGS if model_kwargs.get(k) is not None}
+    images = "pixel_values" in given
+    if not images:
+        for key in row.text_ok:
+            value = given.pop(key, None)
+            if value is None:
+                continue
+            if not (isinstance(value, torch.Tensor) and not bool(value.to("cpu").any())):
+                raise Refused(
+                    f"{name}: {key} marks media tokens but no pixel_values were passed",
+                    f"multimodal-orphan:{key}",
+                    "Pass the processor's whole output (**inputs) to generate.",
+                )
+            model_kwargs.pop(key)
+        if given:
+            raise Refused(
+                f"{name}: media inputs {sorted(given)} are not covered by the fast path",
+                f"multimodal-media:{model_type}",
+            )
+        return Inputs({}, {})
+    if row.image is not None:
+        raise Refused(f"{name}: {row.image}", f"multimodal-image:{model_type}")
+    unknown = sorted(set(given) - set(row.media) - set(row.per_token))
+    if unknown:
+        raise Refused(
+            f"{name}: inputs {unknown} are not covered by the fast path (it takes "
+            f"{[*row.media, *row.per_token]})",
+            f"multimodal-media:{model_type}",
+        )
+    per_token: dict[str, torch.Tensor] = {}
+    for key in row.per_token:
+        value = model_kwargs.pop(key, None)
+        if value is None:
+            continue
+        if not (isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(ids.shape)):
+            raise Refused(f"{name}: {key} must have the shape of input_ids", f"multimodal-shape:{key}", "")
+        per_token[key] = value.to("cpu")
+    media = {key: model_kwargs.pop(key) for key in row.media if model_kwargs.get(key) is not None}
+    _check_placeholders(model, ids, media["pixel_values"], pad)
+    return Inputs(media, per_token)
+
+
+def _check_placeholders(model: Any, ids: torch.Tensor, pixels: Any, pad: int) -> None:
+    """Placeholders are in the prompt, and the bucket's padding adds none."""
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        image_token = getattr(model.config, "image_token_index", None)
+    if image_token is None:
+        raise Refused(f"{type(model).__name__}: no image_token_id in its config", "multimodal-image-token")
+    if int(image_token) == pad:
+        raise Refused(
+            f"{type(model).__name__}: the pad token is the image token {image_token}",
+            "multimodal-pad-is-image",
+            "Pass another pad_token_id.",
+        )
+    if not isinstance(pixels, torch.Tensor):
+        raise Refused(
+            f"{type(model).__name__}: pixel_values is a {type(pixels).__name__}, not one tensor",
+            "multimodal-pixel-list",
+            "Pass pixel_values as one tensor (the processor's return_tensors='pt').",
+        )
+    if not bool((ids == int(image_token)).any()):
+        raise Refused(
+            f"{type(model).__name__}: pixel_values without image tokens in input_ids",
+            "multimodal-no-placeholders",
+            "Pass the processor's input_ids (they hold the image placeholders).",
+        )
