@@ -45,6 +45,8 @@ class Family:
     covered, else why not. ``media``: kwargs passed to the prefill forward unchanged (batch-first or per
     image). ``per_token``: [B, L] kwargs left-padded with 0 to the prompt bucket like the prompt.
     ``text_ok``: kwargs accepted on a text prompt when all zero (a processor's output without images).
+    ``host``: media the model reads as Python numbers (image sizes that slice patches): kept on the CPU,
+    so reading them is no device round trip (their values are shapes: a new value is a new graph anyway).
     """
 
     text: str | None = None
@@ -52,14 +54,15 @@ class Family:
     media: tuple[str, ...] = ()
     per_token: tuple[str, ...] = ()
     text_ok: tuple[str, ...] = ()
+    host: tuple[str, ...] = ()
 
 
 _NOT_DONE = "image prompts of this family are not on the fast path yet"
 FAMILIES: dict[str, Family] = {
-    "llava": Family(media=("pixel_values", "image_sizes")),
+    "llava": Family(media=("pixel_values", "image_sizes"), host=("image_sizes",)),
     # token_type_ids: 1 on image tokens; the prefill mask lets an image's tokens see each other
     "gemma3": Family(media=("pixel_values",), per_token=("token_type_ids",), text_ok=("token_type_ids",)),
-    "mistral3": Family(image=_NOT_DONE, text_ok=()),
+    "mistral3": Family(media=("pixel_values", "image_sizes"), host=("image_sizes",)),
     "qwen2_5_vl": Family(
         image=_NOT_DONE + " (their 3-D rope positions and rope_deltas depend on the image grid)",
         text_ok=("mm_token_type_ids",),
@@ -109,6 +112,7 @@ class Inputs:
 
     media: dict[str, Any]
     per_token: dict[str, torch.Tensor]
+    host: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.media or self.per_token)
@@ -117,7 +121,8 @@ class Inputs:
         """The extra kwargs of the prefill forward, per-token ones left-padded with 0 to ``bucket``."""
         out: dict[str, Any] = {}
         for name, value in self.media.items():
-            out[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+            moves = isinstance(value, torch.Tensor) and name not in self.host
+            out[name] = value.to(device) if moves else value
         for name, value in self.per_token.items():
             padded = value.new_zeros((value.shape[0], bucket))
             padded[:, bucket - value.shape[1] :] = value
@@ -171,8 +176,11 @@ def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad
             raise Refused(f"{name}: {key} must have the shape of input_ids", f"multimodal-shape:{key}", "")
         per_token[key] = value.to("cpu")
     media = {key: model_kwargs.pop(key) for key in row.media if model_kwargs.get(key) is not None}
+    for key in row.host:
+        if isinstance(media.get(key), torch.Tensor):
+            media[key] = media[key].to("cpu")
     _check_placeholders(model, ids, media["pixel_values"], pad)
-    return Inputs(media, per_token)
+    return Inputs(media, per_token, row.host)
 
 
 def _check_placeholders(model: Any, ids: torch.Tensor, pixels: Any, pad: int) -> None:
