@@ -180,6 +180,8 @@ def image_prompts(family: str, per_image: int, seed: int = 2) -> dict[str, torch
         image = [IMAGE] * per_image
         if family == "gemma3":
             image = [BOI, *image, EOI]
+        if family.startswith("qwen"):
+            image = [BOI, *image]
         rows.append(text[:before] + image + text[before:])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD, dtype=torch.int64)
@@ -188,6 +190,10 @@ def image_prompts(family: str, per_image: int, seed: int = 2) -> dict[str, torch
         ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(seed)}
+    if family.startswith("qwen"):  # flattened 8x8x2 patches of a 32x32 image, 4x4 grid merged 2x2
+        inputs["pixel_values"] = inputs["pixel_values"].repeat(1, 2, 1, 1).reshape(32, 3 * 2 * 8 * 8)
+        inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * 2)
+        inputs["mm_token_type_ids"] = (ids == IMAGE).int()
     if family == "gemma3":
         inputs["token_type_ids"] = (ids == IMAGE).long()
     if family == "mistral3":
@@ -228,7 +234,8 @@ def references(family: str, counts: list[int], images: bool) -> dict[str, Any]:
     cases: dict[str, dict[str, torch.Tensor]] = {"text": text_prompts()}
     if images:
         cases["image"] = image_prompts(family, per_image)
-        cases["image-new-pixels"] = dict(cases["image"], pixel_values=pixels(7))
+        other = pixels(7).reshape(cases["image"]["pixel_values"].shape)
+        cases["image-new-pixels"] = dict(cases["image"], pixel_values=other)
     refs: dict[tuple[str, int], Any] = {}
     for name, inputs in cases.items():
         for count in counts:
