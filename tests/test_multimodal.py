@@ -56,7 +56,9 @@ def test_text_and_image_prompts_match_cpu_generate() -> None:
 def _model(model_type: str, **config: Any) -> Any:
     text = SimpleNamespace()
     values = {"model_type": model_type, "image_token_id": 250, **config}
-    return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda decoder=False: text, **values))
+    inner = SimpleNamespace(get_placeholder_mask=None)
+    config = SimpleNamespace(get_text_config=lambda decoder=False: text, **values)
+    return SimpleNamespace(config=config, model=inner)
 
 
 def _ids() -> Any:
@@ -112,6 +114,13 @@ def test_token_types_are_left_padded_with_the_prompt() -> None:
     prefill = inputs.prefill_kwargs(8, torch.device("cpu"))
     assert prefill["token_type_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0, 0]]
     assert prefill["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_images_without_placeholder_merge_are_refused() -> None:
+    model = _model("llava")
+    del model.model.get_placeholder_mask  # before 4.55: merged inside the model
+    with pytest.raises(multimodal.Refused, match=r"4\.55"):
+        multimodal.take_inputs(model, {"pixel_values": torch.zeros(2, 3, 32, 32)}, _ids(), 255)
 
 
 def test_image_sizes_stay_on_the_host() -> None:

@@ -160,6 +160,14 @@ def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad
         return Inputs({}, {})
     if row.image is not None:
         raise Refused(f"{name}: {row.image}", f"multimodal-image:{model_type}")
+    if not hasattr(getattr(model, "model", model), "get_placeholder_mask"):
+        raise Refused(
+            f"{name} on this transformers release merges images without get_placeholder_mask (before 4.55: "
+            "placeholders expanded inside the model, or a data-dependent index), which the fast path does "
+            "not run",
+            f"multimodal-old-merge:{model_type}",
+            "Upgrade transformers to 4.55 or newer for image prompts on the fast path.",
+        )
     unknown = sorted(set(given) - set(row.media) - set(row.per_token))
     if unknown:
         raise Refused(
