@@ -22,7 +22,7 @@ import torch_xla
 
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen import beams as beam_search
-from xla_cache_patch.fastgen import encdec
+from xla_cache_patch.fastgen import encdec, multimodal
 from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
@@ -332,8 +332,9 @@ def run(model: Any, plan: Plan) -> Any:
     if plan.encoder is not None:  # its encoder runs once, here; the decoder is the loop's
         cache = encdec.make_cache(adapter, model, plan.cache_len, plan.encoder, device)
     elif cache is None:
+        config = multimodal.cache_config(model.config)  # a wrapper's cache is its text model's
         cache = adapter.make_static_cache(
-            model.config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
+            config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
         )
     consts = _constants(plan, device)
     if plan.encoder is not None:

@@ -90,6 +90,17 @@ def is_multimodal(config: Any) -> bool:
     return get_text_config is not None and get_text_config() is not config
 
 
+def cache_config(config: Any) -> Any:
+    """The config the static cache is built from: a wrapper's text config (5.x's StaticCache looks it up
+    itself; 4.5x's reads hidden_size and the layer count from the config it is given)."""
+    if not is_multimodal(config):
+        return config
+    try:
+        return config.get_text_config(decoder=True)
+    except TypeError:  # releases whose get_text_config takes no decoder flag
+        return config.get_text_config()
+
+
 def family(model: Any) -> Family:
     """The table's row for this wrapper, or Refused (unknown family, or its text prompts not covered)."""
     model_type = getattr(model.config, "model_type", None)
