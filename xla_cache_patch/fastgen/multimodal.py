@@ -192,7 +192,11 @@ def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad
         if value is None:
             continue
         if not (isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(ids.shape)):
-            raise Refused(f"{name}: {key} must have the shape of input_ids", f"multimodal-shape:{key}", "")
+            raise Refused(
+                f"{name}: {key} must have the shape of input_ids",
+                f"multimodal-shape:{key}",
+                f"Pass {key} as the processor returns it ([batch, prompt length]).",
+            )
         per_token[key] = value.to("cpu")
     media = {key: model_kwargs.pop(key) for key in row.media if model_kwargs.get(key) is not None}
     for key in row.host:
