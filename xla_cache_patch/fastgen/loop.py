@@ -283,7 +283,13 @@ def _prefill(
         groups = batch // plan.beams.num_beams
         state.beams = beam_search.initial_state(plan.beams, groups, width + 1, plan.max_new_tokens, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
-    media = None if plan.media is None else plan.media.prefill_kwargs(bucket, device)
+    media = None
+    if plan.media is not None:
+        media = plan.media.prefill_kwargs(bucket, device)
+        rope = plan.media.rope_positions(bucket)
+        if rope is not None:  # Qwen-VL's 3-D rope: the decode positions continue from its offsets
+            positions = rope
+            state.position = state.position + plan.media.rope_deltas.to(device)
     logits = _forward(
         model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded, media
     )

@@ -47,6 +47,8 @@ class Family:
     ``text_ok``: kwargs accepted on a text prompt when all zero (a processor's output without images).
     ``host``: media the model reads as Python numbers (image sizes that slice patches): kept on the CPU,
     so reading them is no device round trip (their values are shapes: a new value is a new graph anyway).
+    ``rope``: kwargs that only place the image tokens in the 3-D rope (Qwen-VL's ``mm_token_type_ids``):
+    the positions are computed on the host with the model's ``get_rope_index``, not passed to the forward.
     """
 
     text: str | None = None
@@ -55,6 +57,7 @@ class Family:
     per_token: tuple[str, ...] = ()
     text_ok: tuple[str, ...] = ()
     host: tuple[str, ...] = ()
+    rope: tuple[str, ...] = ()
 
 
 _NOT_DONE = "image prompts of this family are not on the fast path yet"
@@ -63,12 +66,16 @@ FAMILIES: dict[str, Family] = {
     # token_type_ids: 1 on image tokens; the prefill mask lets an image's tokens see each other
     "gemma3": Family(media=("pixel_values",), per_token=("token_type_ids",), text_ok=("token_type_ids",)),
     "mistral3": Family(media=("pixel_values", "image_sizes"), host=("image_sizes",)),
+    # 3-D rope: the prompt's positions from get_rope_index, decode positions offset by its rope_deltas
     "qwen2_5_vl": Family(
-        image=_NOT_DONE + " (their 3-D rope positions and rope_deltas depend on the image grid)",
+        media=("pixel_values", "image_grid_thw"),
         text_ok=("mm_token_type_ids",),
+        host=("image_grid_thw",),
+        rope=("mm_token_type_ids",),
     ),
     "qwen3_vl": Family(
-        image=_NOT_DONE + " (their 3-D rope positions and rope_deltas depend on the image grid)",
+        image=_NOT_DONE + " (its deepstack adds vision features to the hidden states of the image "
+        "tokens, selected by a boolean mask: a data-dependent shape)",
         text_ok=("mm_token_type_ids",),
     ),
     "llama4": Family(image=_NOT_DONE),
@@ -124,6 +131,21 @@ class Inputs:
     media: dict[str, Any]
     per_token: dict[str, torch.Tensor]
     host: tuple[str, ...] = ()
+    # 3-D rope: the prompt's positions [3, B, L] and each row's decode offset [B, 1] (get_rope_index)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_positions(self, bucket: int) -> torch.Tensor | None:
+        """The prompt's 3-D rope positions left-padded to ``bucket`` (pad slots: 1, masked), or None."""
+        if self.rope is None:
+            return None
+        positions = self.rope[0]
+        padded = torch.ones((3, positions.shape[1], bucket), dtype=torch.int64)
+        padded[:, :, bucket - positions.shape[2] :] = positions
+        return padded
+
+    @property
+    def rope_deltas(self) -> torch.Tensor | None:
+        return None if self.rope is None else self.rope[1]
 
     def __bool__(self) -> bool:
         return bool(self.media or self.per_token)
@@ -141,10 +163,12 @@ class Inputs:
         return out
 
 
-def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad: int) -> Inputs:
+def take_inputs(
+    model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, pad: int
+) -> Inputs:
     """Pop this family's media kwargs from ``model_kwargs``; Refused for media it does not cover.
 
-    ``ids`` are the prompts (CPU, [B, L]), ``pad`` the id the loop left-pads them with.
+    ``ids`` and ``mask`` are the prompts (CPU, [B, L]), ``pad`` the id the loop left-pads them with.
     """
     row = family(model)
     model_type = model.config.model_type
@@ -179,7 +203,7 @@ def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad
             f"multimodal-old-merge:{model_type}",
             "Upgrade transformers to 4.55 or newer for image prompts on the fast path.",
         )
-    unknown = sorted(set(given) - set(row.media) - set(row.per_token))
+    unknown = sorted(set(given) - set(row.media) - set(row.per_token) - set(row.rope))
     if unknown:
         raise Refused(
             f"{name}: inputs {unknown} are not covered by the fast path (it takes "
@@ -203,7 +227,34 @@ def take_inputs(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad
         if isinstance(media.get(key), torch.Tensor):
             media[key] = media[key].to("cpu")
     _check_placeholders(model, ids, media["pixel_values"], pad)
-    return Inputs(media, per_token, row.host)
+    rope = _rope(model, model_kwargs, row, ids, mask, media) if row.rope else None
+    return Inputs(media, per_token, row.host, rope)
+
+
+def _rope(
+    model: Any, model_kwargs: dict[str, Any], row: Family, ids: torch.Tensor, mask: torch.Tensor, media: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-VL's 3-D rope positions of the prompt and its rope_deltas, by the model's own get_rope_index
+    on the host (what stock generate's ``_prepare_position_ids_for_generation`` computes)."""
+    name = type(model).__name__
+    extra = {key: model_kwargs.pop(key, None) for key in row.rope}
+    if any(value is None for value in extra.values()):
+        raise Refused(
+            f"{name}: images without {sorted(k for k, v in extra.items() if v is None)} (stock generate then "
+            "gives the image tokens text positions)",
+            "multimodal-rope-inputs",
+            "Pass the processor's whole output (**inputs) to generate.",
+        )
+    inner = getattr(model, "model", model)
+    get_rope_index = getattr(inner, "get_rope_index", None)
+    if get_rope_index is None:
+        raise Refused(f"{name}: no get_rope_index", "multimodal-rope-index")
+    extra = {key: value.to("cpu") for key, value in extra.items()}
+    grid = media.get("image_grid_thw")
+    positions, deltas = get_rope_index(
+        ids, image_grid_thw=None if grid is None else grid.to("cpu"), attention_mask=mask, **extra
+    )
+    return positions.to(torch.int64), deltas.to(torch.int64).reshape(ids.shape[0], 1)
 
 
 def _check_placeholders(model: Any, ids: torch.Tensor, pixels: Any, pad: int) -> None:

@@ -283,14 +283,16 @@ def _check_multimodal(model: Any) -> None:
         raise Fallback(str(refused), refused.key, refused.fix) from None
 
 
-def _media(model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, pad: int, config: Any) -> Any:
+def _media(
+    model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, pad: int, config: Any
+) -> Any:
     """The call's images (fastgen.multimodal.Inputs), or None for a text model; Fallback for the uncovered."""
     from xla_cache_patch.fastgen import multimodal
 
     if not multimodal.is_multimodal(model.config):
         return None
     try:
-        media = multimodal.take_inputs(model, model_kwargs, ids, pad)
+        media = multimodal.take_inputs(model, model_kwargs, ids, mask, pad)
     except multimodal.Refused as refused:
         raise Fallback(str(refused), refused.key, refused.fix) from None
     _require(
@@ -767,7 +769,7 @@ def plan_request(
         mask = torch.ones_like(cpu_ids)
     else:
         cpu_ids, mask = _expand(config, cpu_ids, mask)
-    media = None if spec.encoder_decoder else _media(model, model_kwargs, cpu_ids, pad or 0, config)
+    media = None if spec.encoder_decoder else _media(model, model_kwargs, cpu_ids, mask, pad or 0, config)
     cache = _user_cache(model, model_kwargs, config, policy)
     _require(
         media is None or cache is None,
