@@ -50,10 +50,14 @@ def test_text_and_image_prompts_match_cpu_generate() -> None:
 # Planning: the family table's refusals, without a device.
 
 
+def _rope_index(input_ids: Any, mm_token_type_ids: Any, image_grid_thw: Any = None, **kwargs: Any) -> Any:
+    raise AssertionError("not reached")
+
+
 def _model(model_type: str, **config: Any) -> Any:
     text = SimpleNamespace()
     values = {"model_type": model_type, "image_token_id": 250, **config}
-    inner = SimpleNamespace(get_placeholder_mask=None)
+    inner = SimpleNamespace(get_placeholder_mask=None, get_rope_index=_rope_index)
     config = SimpleNamespace(get_text_config=lambda decoder=False: text, **values)
     return SimpleNamespace(config=config, model=inner)
 
@@ -121,6 +125,14 @@ def test_token_types_are_left_padded_with_the_prompt() -> None:
     prefill = inputs.prefill_kwargs(8, torch.device("cpu"))
     assert prefill["token_type_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0, 0]]
     assert prefill["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_qwen2_5_vl_images_need_5x_rope_index() -> None:
+    model = _model("qwen2_5_vl")
+    model.model.get_rope_index = lambda input_ids, image_grid_thw=None, attention_mask=None: None  # 4.5x
+    kwargs = {"pixel_values": torch.zeros(32, 384), "image_grid_thw": torch.ones(2, 3)}
+    with pytest.raises(multimodal.Refused, match="rope_deltas on the model"):
+        multimodal.take_inputs(model, kwargs, _ids(), _mask(), 255)
 
 
 def test_images_without_placeholder_merge_are_refused() -> None:

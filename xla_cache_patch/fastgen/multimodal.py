@@ -15,6 +15,7 @@ A family or an input not in the table is refused with its reason: guessing is no
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,6 +238,16 @@ def _rope(
     """Qwen-VL's 3-D rope positions of the prompt and its rope_deltas, by the model's own get_rope_index
     on the host (what stock generate's ``_prepare_position_ids_for_generation`` computes)."""
     name = type(model).__name__
+    inner = getattr(model, "model", model)
+    get_rope_index = getattr(inner, "get_rope_index", None)
+    takes = set() if get_rope_index is None else set(inspect.signature(get_rope_index).parameters)
+    if not set(row.rope) <= takes:
+        raise Refused(
+            f"{name}: this transformers release's get_rope_index does not take {list(row.rope)} (before 5.x "
+            "its generate keeps rope_deltas on the model between steps), which the fast path does not run",
+            "multimodal-rope-era",
+            "Upgrade transformers to 5.24 or newer for image prompts of this model on the fast path.",
+        )
     extra = {key: model_kwargs.pop(key, None) for key in row.rope}
     if any(value is None for value in extra.values()):
         raise Refused(
@@ -245,15 +256,15 @@ def _rope(
             "multimodal-rope-inputs",
             "Pass the processor's whole output (**inputs) to generate.",
         )
-    inner = getattr(model, "model", model)
-    get_rope_index = getattr(inner, "get_rope_index", None)
-    if get_rope_index is None:
-        raise Refused(f"{name}: no get_rope_index", "multimodal-rope-index")
     extra = {key: value.to("cpu") for key, value in extra.items()}
     grid = media.get("image_grid_thw")
-    positions, deltas = get_rope_index(
-        ids, image_grid_thw=None if grid is None else grid.to("cpu"), attention_mask=mask, **extra
-    )
+    try:
+        positions, deltas = get_rope_index(
+            ids, image_grid_thw=None if grid is None else grid.to("cpu"), attention_mask=mask, **extra
+        )
+    except Exception as exc:  # transformers will raise it again, with its own message
+        reason = f"{name}: get_rope_index rejected the inputs: {exc!r}"
+        raise Refused(reason, "multimodal-rope-error") from exc
     return positions.to(torch.int64), deltas.to(torch.int64).reshape(ids.shape[0], 1)
 
 
