@@ -43,8 +43,9 @@ def test_text_and_image_prompts_match_cpu_generate() -> None:
     assert [llava[c]["graphs"] for c in ("text/8", "text/64", "image/8", "image/64")] == [3, 3, 5, 1]
     # as Gemma3ForCausalLM: sliding layers (window 16) add graphs once 64 tokens pass the window
     assert [gemma3[c]["graphs"] for c in ("text/8", "text/64", "image/8", "image/64")] == [4, 6, 3, 1]
-    # 3-D rope positions from get_rope_index on the host, decode offset by rope_deltas
-    assert [qwen[c]["graphs"] for c in ("text/8", "text/64", "image/8", "image/64")] == [3, 3, 3, 1]
+    # 3-D rope positions from get_rope_index on the host, decode offset by rope_deltas; the placeholder
+    # checks' graphs (a count of input_ids) were compiled for the families before (3, 3, 3, 1 alone)
+    assert [qwen[c]["graphs"] for c in ("text/8", "text/64", "image/8", "image/64")] == [2, 2, 1, 1]
 
 
 # Planning: the family table's refusals, without a device.
