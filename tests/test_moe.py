@@ -1,0 +1,92 @@
+"""The static-shape experts implementation against transformers' own, and its activation by apply()."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+moe_integration = pytest.importorskip("transformers.integrations.moe")
+
+from xla_cache_patch import moe  # noqa: E402
+
+E, H, I = 4, 16, 8  # noqa: E741
+
+
+def _experts(has_gate: bool, has_bias: bool, is_transposed: bool, post_norm: bool) -> torch.nn.Module:
+    from transformers.activations import ACT2FN
+
+    @moe_integration.use_experts_implementation(
+        has_gate=has_gate, has_bias=has_bias, is_transposed=is_transposed, has_post_expert_norm=post_norm
+    )
+    class Experts(torch.nn.Module):
+        def __init__(self, config: object) -> None:
+            super().__init__()
+            self.num_experts = E
+            up = 2 * I if has_gate else I
+            name = "gate_up_proj" if has_gate else "up_proj"
+            shape_up = (E, H, up) if is_transposed else (E, up, H)
+            shape_down = (E, I, H) if is_transposed else (E, H, I)
+            setattr(self, name, torch.nn.Parameter(torch.randn(shape_up)))
+            self.down_proj = torch.nn.Parameter(torch.randn(shape_down))
+            if has_bias:
+                setattr(self, f"{name}_bias", torch.nn.Parameter(torch.randn(E, up)))
+                self.down_proj_bias = torch.nn.Parameter(torch.randn(E, H))
+            if post_norm:
+                self.post_expert_norm = torch.nn.LayerNorm(H)
+            self.act_fn = ACT2FN["silu"]
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # type: ignore[no-untyped-def]
+            raise AssertionError("eager is not used here")
+
+    class Config:
+        _experts_implementation = "batched_mm"
+
+    torch.manual_seed(0)
+    return Experts(Config())
+
+
+def _routing(tokens: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, H, generator=g)
+    index = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    return hidden, index, weights
+
+
+@pytest.mark.parametrize(
+    ("has_gate", "has_bias", "is_transposed", "post_norm"), list(itertools.product([True, False], repeat=4))
+)
+@pytest.mark.parametrize("tokens", [1, 2, 7])  # T*k <= E gathers; 7 tokens run every expert
+def test_matches_transformers(
+    has_gate: bool, has_bias: bool, is_transposed: bool, post_norm: bool, tokens: int
+) -> None:
+    experts = _experts(has_gate, has_bias, is_transposed, post_norm)
+    hidden, index, weights = _routing(tokens, 2)
+    want = moe_integration.batched_mm_experts_forward(experts, hidden, index, weights)
+    got = moe.xla_static_experts_forward(experts, hidden, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grouped = moe_integration.grouped_mm_experts_forward(experts, hidden, index, weights)
+    torch.testing.assert_close(got, grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_gate_and_sentinels() -> None:
+    """A model's own ``_apply_gate`` (gpt-oss: interleaved, clamped) and expert-parallel sentinel ids."""
+    experts = _experts(True, True, True, False)
+    experts._apply_gate = lambda x: x[..., ::2].clamp(max=0.5) * torch.sigmoid(x[..., 1::2])
+    for tokens in (1, 7):
+        hidden, index, weights = _routing(tokens, 2)
+        want = moe_integration.batched_mm_experts_forward(experts, hidden, index, weights)
+        torch.testing.assert_close(moe.xla_static_experts_forward(experts, hidden, index, weights), want)
+    experts._is_expert_parallel = True
+    hidden, index, weights = _routing(7, 2)
+    index[0, 1] = E  # a sentinel: another rank's expert
+    weights[0, 1] = 0.0
+    want = moe_integration.batched_mm_experts_forward(experts, hidden, index, weights)
+    torch.testing.assert_close(moe.xla_static_experts_forward(experts, hidden, index, weights), want)
+
+
+def test_static_rule() -> None:
+    assert moe.gathers(1, 8, 128) and moe.gathers(16, 8, 128)
+    assert not moe.gathers(17, 8, 128) and not moe.gathers(3, 2, 4)
