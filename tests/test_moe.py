@@ -90,3 +90,60 @@ def test_custom_gate_and_sentinels() -> None:
 def test_static_rule() -> None:
     assert moe.gathers(1, 8, 128) and moe.gathers(16, 8, 128)
     assert not moe.gathers(17, 8, 128) and not moe.gathers(3, 2, 4)
+
+
+def test_apply_dispatches_by_device_and_unapply_restores() -> None:
+    """While applied, transformers' keys send CPU tensors to the originals; unapply gives them back."""
+    pytest.importorskip("torch_xla")
+    import xla_cache_patch
+
+    mapping = moe_integration.ExpertsInterface._global_mapping
+    before = dict(mapping)
+    experts = _experts(True, False, False, False)
+    hidden, index, weights = _routing(7, 2)
+    want = moe_integration.grouped_mm_experts_forward(experts, hidden, index, weights)
+    try:
+        xla_cache_patch.apply()
+        xla_cache_patch.apply()  # idempotent
+        assert xla_cache_patch.status().experts
+        for key in (*moe.DISPATCHED, moe.KEY):
+            assert xla_cache_patch.is_ours(mapping[key]), key
+        assert mapping[moe.KEY].__wrapped__ is moe.xla_static_experts_forward
+        assert torch.equal(mapping["grouped_mm"](experts, hidden, index, weights), want)  # CPU: the original
+        got = moe_integration.ALL_EXPERTS_FUNCTIONS.get_interface(moe.KEY, None)(
+            experts, hidden, index, weights
+        )
+        torch.testing.assert_close(got, want)
+    finally:
+        xla_cache_patch.unapply()
+    assert mapping == before and all(mapping[k] is v for k, v in before.items())
+    assert not xla_cache_patch.status().experts
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_families_on_xla_take_the_fast_path_with_cpu_tokens() -> None:
+    """Greedy, left-padded batch of 2 with an eos, 8 and 64 new tokens: CPU stock generate's tokens, and
+    as many graphs for 64 tokens as for 8. gpt-oss: sinks, sliding window, biased transposed experts;
+    DeepSeek-V3: MLA, shared expert, grouped routing."""
+    from tests.xla_run import run_in_era
+
+    families = run_in_era("moe_check.py", "fast", "--families", "gpt-oss,deepseek-v3")["families"]
+    for name, row in families.items():
+        assert row["8"]["took"] == ["fast"] and row["8"]["equal"], (name, row)
+        assert row["64"]["took"] == ["fast"] and row["64"]["equal"], (name, row)
+        assert row["8"]["graphs"] == row["64"]["graphs"], (name, row)
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_forward_and_stock_generate_on_xla() -> None:
+    """Without the patch an MoE model crashes on XLA (integer histc); with it a plain forward and
+    transformers' own generate loop give CPU's logits and tokens, and CPU after unapply is unchanged."""
+    from tests.xla_run import run_in_era
+
+    row = run_in_era("moe_check.py", "stock", "--families", "qwen3-moe")["families"]["qwen3-moe"]
+    assert row["unpatched"]["forward_error"] is not None, row
+    patched = row["patched"]
+    assert patched["forward_close"] and patched["generate_equal"], row
+    assert row["cpu_after_unapply_equal"], row
