@@ -207,14 +207,16 @@ def stock(args: Any) -> dict[str, Any]:
             if label == "patched":
                 xla_cache_patch.apply(generate=False)  # transformers' own loop, our experts
             with torch.no_grad():
-                logits, ferr = attempt(
-                    lambda model=model: model(
-                        input_ids=ids.to(device), attention_mask=mask.to(device)
-                    ).logits.cpu()
+                (logits, ferr), forward_graphs = timed_call(
+                    lambda model=model: attempt(
+                        lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
+                    )
                 )
-                got, gerr = attempt(
-                    lambda model=model: model.generate(
-                        ids.to(device), attention_mask=mask.to(device), **greedy(3, None)
+                (got, gerr), generate_graphs = timed_call(
+                    lambda model=model: attempt(
+                        lambda: model.generate(
+                            ids.to(device), attention_mask=mask.to(device), **greedy(3, None)
+                        )
                     )
                 )
             row[label] = {
@@ -224,6 +226,7 @@ def stock(args: Any) -> dict[str, Any]:
                 "forward_error": ferr,
                 "generate_equal": None if got is None else bool(torch.equal(sequences(got), ref)),
                 "generate_error": gerr,
+                "graphs": [forward_graphs, generate_graphs],
             }
         xla_cache_patch.unapply()
         row["cpu_after_unapply_equal"] = bool(
