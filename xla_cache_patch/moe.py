@@ -112,9 +112,11 @@ def _dense(
     expert_ids, sample_weights = _routing(self, top_k_index, top_k_weights)
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # x: (E, T, in) or (T, in) shared by every expert -> (E, T, out)
-        w = weight if self.is_transposed else weight.transpose(-2, -1)  # (E, in, out)
-        out = torch.matmul(x.to(w.dtype), w)
+        # x: (E, T, in), or (1, T, in) shared by every expert -> (E, T, out)
+        if self.is_transposed:  # (E, in, out)
+            out = torch.matmul(x, weight)
+        else:  # (E, out, in): transpose the activations, never the weights (XLA:CPU copies them: 8x slower)
+            out = torch.matmul(weight, x.transpose(-2, -1)).transpose(-2, -1)
         return out if bias is None else out + bias.unsqueeze(1)
 
     weight, bias = _up_weights(self)
