@@ -147,3 +147,24 @@ def test_forward_and_stock_generate_on_xla() -> None:
     patched = row["patched"]
     assert patched["forward_close"] and patched["generate_equal"], row
     assert row["cpu_after_unapply_equal"], row
+
+
+def test_bench_roofline_counts_active_experts() -> None:
+    """A decode step reads min(E, batch * k) of each layer's experts and runs k of them per row."""
+    import transformers
+
+    from xla_cache_patch.tools.bench_worker import step_cost
+
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config)
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = [m for m in model.modules() if type(m).__name__ == "MixtralExperts"]
+    expert_bytes = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+    one, one_flops = step_cost(model, 1, 0)
+    two, two_flops = step_cost(model, 2, 0)
+    assert one == every - expert_bytes // 2 and two == every  # 2 of 4 experts, then all 4
+    routed = 2 * sum(p.numel() for m in experts for p in m.parameters()) / 4 * 2
+    assert two_flops - one_flops >= routed
