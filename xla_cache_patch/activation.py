@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 TARGET_MODULE = "transformers.cache_utils"
-HOOKED_MODULES = (TARGET_MODULE, "transformers.generation.utils")
+HOOKED_MODULES = (TARGET_MODULE, "transformers.generation.utils", "transformers.integrations.moe")
 HOOK = "xla_cache_patch.hook:on_imported"
 
 _lock = threading.Lock()

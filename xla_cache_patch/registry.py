@@ -30,12 +30,16 @@ from xla_cache_patch.integrations import (
     Holder,
     Integration,
     WrapPlan,
+    current,
     holder_of,
     initializing,
+    place,
+    remove,
     wrap,
 )
 from xla_cache_patch.integrations import is_ours as is_ours
 from xla_cache_patch.integrations.cache import CacheIntegration
+from xla_cache_patch.integrations.experts import ExpertsIntegration
 from xla_cache_patch.integrations.generate import GenerateIntegration
 from xla_cache_patch.settings import GENERATE_POLICIES, MODES, Request
 
@@ -55,7 +59,8 @@ log = logging.getLogger("xla_cache_patch")
 
 CACHE = CacheIntegration()
 GENERATE = GenerateIntegration()
-INTEGRATIONS: tuple[Integration, ...] = (CACHE, GENERATE)
+EXPERTS = ExpertsIntegration()  # last: its module is absent before transformers 5
+INTEGRATIONS: tuple[Integration, ...] = (CACHE, GENERATE, EXPERTS)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -73,6 +78,7 @@ class Status:
     generate: bool = False  # the generate fast path is installed now
     generate_reason: str | None = None  # why it is not
     requested: str | None = None  # who asked for the patch in force (None: nobody)
+    experts: bool = False  # MoE experts on XLA run xla_cache_patch.moe (transformers' ExpertsInterface)
 
 
 @dataclass
@@ -116,7 +122,7 @@ def _version_problem() -> str | None:
 
 
 def _wanted(generate: bool | str) -> tuple[Integration, ...]:
-    return INTEGRATIONS if generate else (CACHE,)
+    return INTEGRATIONS if generate else (CACHE, EXPERTS)
 
 
 # --- installing one integration -----------------------------------------------------------------
@@ -148,7 +154,7 @@ def _install(integration: Integration, module: ModuleType, mode: str) -> str | N
                 done.append(_Installed(entry, entry.dormant, holder_of(entry.dormant), placed=False))
                 continue
             wrapper, holder = wrap(entry, integration.call(entry))
-            setattr(entry.owner, entry.attr, wrapper)
+            place(entry, wrapper)
             done.append(_Installed(entry, wrapper, holder, placed=True))
     except BaseException:
         _restore(done)  # all or none
@@ -169,12 +175,12 @@ def _restore(done: list[_Installed]) -> list[str]:
         entry = item.entry
         if not item.placed:
             continue
-        if vars(entry.owner).get(entry.attr, MISSING) is not item.wrapper:
+        if current(entry) is not item.wrapper:
             layered.append(entry.name)
         elif entry.saved is MISSING:
-            delattr(entry.owner, entry.attr)
+            remove(entry)
         else:
-            setattr(entry.owner, entry.attr, entry.saved)
+            place(entry, entry.saved)
     return layered
 
 
@@ -251,10 +257,13 @@ def _configure_fastgen(request: Request) -> None:
 def _report(integration: Integration, reason: str, strict: bool) -> None:
     if integration is CACHE and strict:
         raise UnsupportedVersionError(reason)
-    if integration is GENERATE and reason.startswith("torch_xla is not installed"):
-        log.debug("generate fast path not installed: %s", reason)  # nothing to speed up without XLA
+    if integration is not CACHE and reason.startswith("torch_xla is not installed"):
+        log.debug("%s not installed: %s", integration.name, reason)  # nothing to speed up without XLA
         return
-    what = "xla_cache_patch not applied" if integration is CACHE else "xla_cache_patch: generate not wrapped"
+    what = {
+        CACHE.name: "xla_cache_patch not applied",
+        GENERATE.name: "xla_cache_patch: generate not wrapped",
+    }.get(integration.name, f"xla_cache_patch: {integration.name} not installed")
     warnings.warn(f"{what}: {reason}", XlaCachePatchWarning, stacklevel=3)
 
 
@@ -395,6 +404,7 @@ def status(mode: str | None = None) -> Status:
                 generate=generate,
                 generate_reason=generate_reason,
                 requested=source,
+                experts=EXPERTS.name in _installed,
             )
     pending = _pending(request)
     if pending is not None:

@@ -66,6 +66,26 @@ class Entry:
     options: dict[str, Any]
     is_method: bool
     dormant: Callable[..., Any] | None = None  # a wrapper of ours already in place, to re-arm
+    keyed: bool = False  # owner is a dict (a transformers registry's mapping) and attr its key
+
+
+def current(entry: Entry) -> Any:
+    """What ``entry``'s owner holds now (its own attribute or key; MISSING when it holds none)."""
+    return entry.owner.get(entry.attr, MISSING) if entry.keyed else vars(entry.owner).get(entry.attr, MISSING)
+
+
+def place(entry: Entry, value: Any) -> None:
+    if entry.keyed:
+        entry.owner[entry.attr] = value
+    else:
+        setattr(entry.owner, entry.attr, value)
+
+
+def remove(entry: Entry) -> None:
+    if entry.keyed:
+        entry.owner.pop(entry.attr, None)
+    else:
+        delattr(entry.owner, entry.attr)
 
 
 def resolve(
@@ -104,6 +124,21 @@ def resolve(
     if missing:
         return f"{name}: parameters {missing} not found in {tuple(found)}"
     return Entry(name, owner, attr, saved, func, impl, dict(options or {}), owner is not module, dormant)
+
+
+def resolve_key(
+    mapping: dict[str, Any], name: str, key: str, default: Callable[..., Any] | None = None
+) -> Entry | str:
+    """The function under ``key`` of a registry's ``mapping`` to wrap. With ``default``, a key the mapping
+    lacks is added (wrapping ``default``) and removed again on restore."""
+    saved = mapping.get(key, MISSING)
+    if saved is MISSING and default is None:
+        return f"{name}: key {key!r} not found"
+    dormant = find_ours(saved) if saved is not MISSING else None
+    func = dormant.__wrapped__ if dormant is not None else (default if saved is MISSING else saved)
+    if not callable(func):
+        return f"{name}: expected a function under {key!r}, found {type(func).__name__}"
+    return Entry(name, mapping, key, saved, func, None, {}, False, dormant, keyed=True)
 
 
 def wrap(entry: Entry, call: Callable[..., Any]) -> tuple[Callable[..., Any], Holder]:

@@ -766,7 +766,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PATH|PRESET",
         help="a local checkpoint, or a preset with real shapes and random weights (smollm2-135m, "
-        "qwen2.5-0.5b; t5-small for the encdec variants), instead of the tiny Llama (tiny T5)",
+        "qwen2.5-0.5b, granitemoe-1b-a400m; t5-small for the encdec variants), instead of the tiny Llama "
+        "(tiny T5)",
     )
     p.add_argument("--layers", type=int, default=2, help="layers of the tiny default model")
     p.add_argument(

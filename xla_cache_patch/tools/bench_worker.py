@@ -345,6 +345,8 @@ def step_cost(model: Any, batch: int, position: float, cross_keys: int = 0) -> t
     if shared is not None:  # tied / shared embeddings: also the decoder's (one row read per token)
         decoder_params.setdefault(id(shared.weight), shared.weight)
     weights = sum(p.numel() * p.element_size() for p in decoder_params.values())
+    expert_bytes, expert_flops = _routed_experts(model, batch)
+    weights += expert_bytes
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -359,7 +361,31 @@ def step_cost(model: Any, batch: int, position: float, cross_keys: int = 0) -> t
         if isinstance(m, torch.nn.Linear) and id(m.weight) not in in_encoder
     )
     attention = 2 * 2 * layers * heads * head_dim * keys * batch
-    return weights + kv_bytes, 2 * linear * batch + attention
+    return weights + kv_bytes, 2 * linear * batch + attention + expert_flops
+
+
+def _routed_experts(model: Any, batch: int) -> tuple[int, float]:
+    """(byte correction, FLOPs) of a MoE model's routed experts in one decode step: the active parameters.
+
+    A step reads the weights of at most ``batch * top_k`` of each layer's ``E`` experts (the correction
+    removes the rest from "every weight once") and runs ``top_k`` of them per row. Experts are the
+    modules of transformers' ExpertsInterface (``num_experts`` and 3-D weights), which are no Linear.
+    """
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    if not top_k:
+        return 0, 0.0
+    unread, flops = 0, 0.0
+    for module in model.modules():
+        num_experts = getattr(module, "num_experts", None)
+        params = [p for p in module.parameters(recurse=False) if p.ndim == 3]
+        if not isinstance(num_experts, int) or not params:
+            continue
+        total = sum(p.numel() for p in params)
+        size = sum(p.numel() * p.element_size() for p in params)
+        active = min(num_experts, batch * top_k)
+        unread -= size * (num_experts - active) // num_experts
+        flops += 2 * total / num_experts * top_k * batch
+    return unread, flops
 
 
 def _roofline(model: Any, batch: int, position: float, cross_keys: int = 0) -> dict[str, Any]:

@@ -89,7 +89,33 @@ def _columns(table: str) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = _columns(_DECODER_SHAPES)
+#: Mixture-of-experts presets: the published config of ibm-granite/granite-3.0-1b-a400m-base (32 experts,
+#: top-8; 1.33B parameters, ~0.43B active per token). Their experts run ``xla_cache_patch.moe`` on XLA.
+_MOE_SHAPES = """
+field                    granitemoe-1b-a400m
+model_type               granitemoe
+vocab_size               49155
+hidden_size              1024
+intermediate_size        512
+num_hidden_layers        24
+num_attention_heads      16
+num_key_value_heads      8
+num_local_experts        32
+num_experts_per_tok      8
+embedding_multiplier     12.0
+logits_scaling           6.0
+residual_multiplier      0.22
+attention_multiplier     0.015625
+tie_word_embeddings      True
+rope_theta               10000.0
+rms_norm_eps             1e-6
+max_position_embeddings  4096
+bos_token_id             0
+eos_token_id             0
+pad_token_id             0
+"""
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {**_columns(_DECODER_SHAPES), **_columns(_MOE_SHAPES)}
 
 
 #: Encoder-decoder presets (built with AutoModelForSeq2SeqLM): the published config of google-t5/t5-small.
