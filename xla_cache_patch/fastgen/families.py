@@ -80,6 +80,14 @@ STATIC_CACHE_CHANGES_TOKENS = {
     "sets to the cache length (5.x gives other tokens than with its dynamic cache)",
 }
 
+# Model types the support matrix (scripts/support_matrix.py) measured on the fast path with other tokens than
+# CPU stock generate, whose cause is not understood yet: refused until it is.
+MEASURED_OTHER_TOKENS = {
+    "git": "a left-padded row gave other tokens than CPU stock generate on the fast path (measured by the "
+    "support matrix, transformers 5.25.0: from new token 3, where CPU's top-1 leads by 0.05); the cause is "
+    "not understood yet",
+}
+
 _STATE_FIX = (
     "Nothing to change in the call: transformers' own loop runs this model (one XLA graph per step); "
     "docs/models.md lists the model classes the fast path runs"
