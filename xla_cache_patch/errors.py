@@ -14,9 +14,18 @@ class UnsupportedVersionError(XlaCachePatchError, RuntimeError):
 class CacheOverflowError(XlaCachePatchError, IndexError):
     """A write would land past the cache's capacity: on XLA the scatter would drop it silently."""
 
-    def __init__(self, capacity: int, position: int, where: str = "StaticCache") -> None:
+    def __init__(
+        self, capacity: int, position: int, where: str = "StaticCache", needed: str | None = None
+    ) -> None:
         self.capacity = capacity
         self.position = position
+        if needed is not None:  # a generate call checked before it wrote anything
+            super().__init__(
+                f"{where}: this generate call needs {position + 1} cache slots ({needed}) but the cache has "
+                f"{capacity}; nothing was written. Build the cache with max_cache_len >= {position + 1}, "
+                "or pass no cache (generate then sizes its own)"
+            )
+            return
         if position < 0:
             fix = "positions count from 0; pass the absolute cache_position of each token"
             problem = f"position {position} is negative"

@@ -152,6 +152,47 @@ class Adapter:
         """Sizes of the cache's sliding-window layers whose content rolls (and so cannot be shifted)."""
         return [] if self.storage is None else self.storage.windows(cache)
 
+    def cache_kinds(self, cache: Any) -> list[str]:
+        """Per layer, the kind of state it holds, as this era writes it: ``full`` / ``sliding`` (K/V rows
+        at slots, written by a class whose ``update`` this era wraps), ``none`` (a layer with no state), or
+        ``unknown: Class`` (a recurrent or convolution state, a model's own layer class, anything else).
+
+        A list-era StaticCache holds one kind only: full-attention K/V (its HybridCache is not accepted).
+        """
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return ["full"]
+        written = {t.path.split(".")[0] for t in self.targets if t.path.endswith(".update")}
+        kinds = []
+        for layer in layers:
+            cls = type(layer)
+            ours = cls.__module__ == CACHE_MODULE
+            if ours and cls.__name__ in written:
+                kinds.append("sliding" if getattr(layer, "is_sliding", False) else "full")
+            elif ours and cls.__name__ == "DummyLayer":
+                kinds.append("none")
+            else:
+                kinds.append(f"unknown: {cls.__name__}")
+        return kinds
+
+    def model_cache_kinds(self, config: Any) -> list[str]:
+        """``cache_kinds`` of the StaticCache the fast path would build for ``config``, built on the meta
+        device (layer eras) so that nothing is allocated."""
+        if self.storage is None or not self.storage.layered:
+            return ["full"]  # list eras: see cache_kinds
+        import torch
+
+        cache = self.make_static_cache(
+            config, 1, batch_size=1, device=torch.device("meta"), dtype=torch.float32
+        )
+        return self.cache_kinds(cache)
+
+    def grow_cache(self, cache: Any, slots: int) -> None:
+        """Give the cache's full-attention layers ``slots`` slots, their content kept (a device copy)."""
+        if self.storage is None:
+            raise NotImplementedError(f"era {self.name}: no storage family to grow a cache with")
+        self.storage.grow(cache, slots)
+
     def cache_length(self, cache: Any) -> int:
         """How many tokens the cache holds: a device read (it waits for pending work on the cache)."""
         return int(cache.get_seq_length()) if self.storage is None else self.storage.held(cache)

@@ -20,9 +20,11 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -41,6 +43,19 @@ R = TypeVar("R")
 #: ``XLA_CACHE_PATCH_CHECKS``, read once when this module loads (the first ``apply``, or whatever first
 #: loads an era adapter): a later change of the variable takes effect in a new process only.
 DEVICE_CHECKS = flag_on(os.environ.get(CHECKS_ENV_VAR))
+# Set while a call whose loop syncs at every step anyway runs (transformers' own generate on XLA, a
+# fallback): its writes are bounds-checked on the device too. Per thread / task, never process-wide.
+_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("xla_cache_patch_checked", default=False)
+
+
+@contextlib.contextmanager
+def checked_writes() -> Iterator[None]:
+    """Bounds-check every cache write of this thread / task in the block, on XLA too (a host read each)."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 class Call(NamedTuple):
@@ -83,11 +98,13 @@ def check_bounds(pos: torch.Tensor, capacity: int, where: str) -> None:
     """Raise ``CacheOverflowError`` for a position outside ``[0, capacity)``.
 
     On CPU this is free and always on. On an XLA device it needs a host sync (and would break
-    the graph), so it runs only with ``XLA_CACHE_PATCH_CHECKS=1`` (``DEVICE_CHECKS``): without it
+    the graph), so it runs only with ``XLA_CACHE_PATCH_CHECKS=1`` (``DEVICE_CHECKS``) or inside
+    ``checked_writes()`` (transformers' own loop on XLA, which syncs every step anyway): without it
     XLA's scatter drops an out-of-range row silently. While ``torch.compile`` traces it is skipped,
     as stock has no such check: reading the positions on the host would break the graph.
     """
-    if pos.numel() == 0 or torch.compiler.is_compiling() or (pos.device.type != "cpu" and not DEVICE_CHECKS):
+    checked = DEVICE_CHECKS or _CHECKED.get()
+    if pos.numel() == 0 or torch.compiler.is_compiling() or (pos.device.type != "cpu" and not checked):
         return
     low, high = int(pos.min()), int(pos.max())
     if low < 0 or high >= capacity:

@@ -24,6 +24,8 @@ class Storage:
     windows: Callable[[Any], list[int]]  # sizes of the sliding-window layers that roll (content not movable)
     held: Callable[[Any], int]  # tokens the cache holds (a device read)
     overrides: Callable[[ModuleType], tuple[str, ...]] = lambda module: ()  # layer classes with own update
+    layered: bool = False  # cache.layers[i] objects, each of a class (``Adapter.cache_kinds``)
+    grow: Callable[[Any, int], None] = lambda cache, slots: None  # full-attention buffers to ``slots``
 
 
 def batch_size(cache: Any, buffers: list[torch.Tensor]) -> int | None:
@@ -57,6 +59,41 @@ def python_numbers(owners: list[Any]) -> tuple[tuple[str, Any], ...]:
         for name, value in sorted(vars(owner).items())
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     )
+
+
+def grown(t: torch.Tensor, slots: int) -> torch.Tensor:
+    """``t`` (batch, heads, slots, dim) with zero slots appended up to ``slots``: a copy on its device."""
+    extra = t.new_zeros((*t.shape[:2], slots - t.shape[2], *t.shape[3:]))
+    return torch.cat([t, extra], dim=2)
+
+
+def _list_grow(cache: Any, slots: int) -> None:
+    """List eras: every layer's K and V (and the nn.Module buffer entries that alias them, 4.44-4.49)."""
+    replaced: dict[int, torch.Tensor] = {}
+    for name in ("key_cache", "value_cache"):
+        tensors = getattr(cache, name)
+        for index, old in enumerate(tensors):
+            tensors[index] = replaced[id(old)] = grown(old, slots)
+    buffers = vars(cache).get("_buffers")
+    if isinstance(buffers, dict):
+        for key, old in list(buffers.items()):
+            if id(old) in replaced:
+                buffers[key] = replaced[id(old)]
+    cache.max_cache_len = slots
+
+
+def _layer_grow(cache: Any, slots: int) -> None:
+    """Layer eras: the full-attention layers (a sliding layer's window is not the cache's length)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) or getattr(layer, "max_cache_len", None) is None:
+            continue
+        for name in ("keys", "values"):
+            old = getattr(layer, name, None)
+            if isinstance(old, torch.Tensor):
+                setattr(layer, name, grown(old, slots))
+        layer.max_cache_len = slots
+    if isinstance(vars(cache).get("max_cache_len"), int):
+        cache.max_cache_len = slots
 
 
 def _layer_capacity(cache: Any) -> int | None:
@@ -98,6 +135,7 @@ LISTS = Storage(
     capacity=lambda cache: int(cache.max_cache_len),
     windows=lambda cache: [],  # a list-era StaticCache never windows (HybridCache is not accepted)
     held=lambda cache: int(cache.get_seq_length()),
+    grow=_list_grow,
 )
 LAYERS = Storage(
     owners=lambda cache: [cache, *cache.layers],
@@ -105,4 +143,6 @@ LAYERS = Storage(
     windows=lambda cache: [int(x.max_cache_len) for x in cache.layers if getattr(x, "is_sliding", False)],
     held=_layer_held,
     overrides=_layer_overrides,
+    layered=True,
+    grow=_layer_grow,
 )

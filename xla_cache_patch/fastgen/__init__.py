@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xla_cache_patch._frames import call_as_caller
-from xla_cache_patch.errors import StaleCacheError
+from xla_cache_patch.errors import StaleCacheError, XlaCachePatchError
 from xla_cache_patch.fastgen.plan import (
     CACHE_KWARGS,
     EOS_CHECK_KWARG,
@@ -117,6 +117,8 @@ def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: boo
         return plan_request(model, args, kwargs, options, policy)
     except Fallback as reason:
         return reason
+    except XlaCachePatchError:  # bad input (a cache too short): the caller's to fix, nothing ran
+        raise
     except Exception as exc:  # a surprise while planning must not break generate
         return Fallback(f"could not plan the fast path: {exc!r}", on_xla=_on_xla(model))
 
@@ -130,19 +132,36 @@ def _on_xla(model: Any) -> bool:
 
 
 def _fallback(
-    wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], why: Fallback
+    wrapped: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    why: Fallback,
+    instance: Any = None,
 ) -> Any:
+    checked = why.on_xla and instance is not None
+    if checked:  # on XLA a write past a cache's end is dropped silently: refuse it before anything runs
+        from xla_cache_patch.fastgen.plan import check_room
+
+        check_room(instance, args, kwargs)
     log.debug("generate falls back to transformers: %s", why)
     _record(Decision.fallback(why))
     if why.on_xla:
         _warn_once(why)
     token = _IN_FALLBACK.set(True)
     try:
-        # From a frame that carries the caller's file and line: transformers' warnings with stacklevel=2
-        # point at the user's call, as they do without us.
-        return call_as_caller(wrapped, args, kwargs)
+        # and every write of transformers' loop is bounds-checked (a host read each; it syncs every step)
+        with _checked_writes() if checked else contextlib.nullcontext():
+            # From a frame that carries the caller's file and line: transformers' warnings with
+            # stacklevel=2 point at the user's call, as they do without us.
+            return call_as_caller(wrapped, args, kwargs)
     finally:
         _IN_FALLBACK.reset(token)
+
+
+def _checked_writes() -> contextlib.AbstractContextManager[None]:
+    from xla_cache_patch.compat._ops import checked_writes
+
+    return checked_writes()
 
 
 def _warn_once(why: Fallback) -> None:
@@ -191,7 +210,7 @@ def generate_wrapper(
     _check_stale(instance, kwargs)
     result = _plan(instance, args, kwargs, policy)
     if isinstance(result, Fallback):
-        return _fallback(wrapped, args, own_free, result)
+        return _fallback(wrapped, args, own_free, result, instance)
     log.debug(
         "fast path: batch=%d prompt=%d held=%d bucket=%d cache=%d max_new_tokens=%d sampling=%s",
         result.input_ids.shape[0],
@@ -217,7 +236,7 @@ def generate_wrapper(
             fix="Please report it with this message; transformers' loop gives the answer meanwhile.",
         )
     # Outside the except block: the traceback (and the failed call's device tensors) are gone by now.
-    return _fallback(wrapped, args, own_free, failed)
+    return _fallback(wrapped, args, own_free, failed, instance)
 
 
 def _original_generate(model: Any) -> Callable[..., Any]:

@@ -23,7 +23,7 @@ import torch_xla
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen import beams as beam_search
 from xla_cache_patch.fastgen import encdec
-from xla_cache_patch.fastgen.plan import STALE_ATTR, Plan
+from xla_cache_patch.fastgen.plan import GROWS_ATTR, STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
 from xla_cache_patch.fastgen.stopping import HostStops, initial_window, stop_string_hits
@@ -330,6 +330,9 @@ def run(model: Any, plan: Plan) -> Any:
         cache = adapter.make_static_cache(
             model.config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
         )
+        setattr(cache, GROWS_ATTR, True)  # ours: a conversation continued on it grows it (plan._layout)
+    elif plan.grow:
+        adapter.grow_cache(cache, plan.cache_len)
     consts = _constants(plan, device)
     if plan.encoder is not None:
         with torch.no_grad(), explicit_masks(), xla_cpu_dots(device):

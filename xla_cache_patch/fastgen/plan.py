@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from xla_cache_patch import compat
-from xla_cache_patch.fastgen import processors
+from xla_cache_patch.errors import CacheOverflowError
+from xla_cache_patch.fastgen import families, processors
 from xla_cache_patch.fastgen.beams import Beams
-from xla_cache_patch.fastgen.buckets import buckets, prompt_bucket
+from xla_cache_patch.fastgen.buckets import buckets, cache_bucket, prompt_bucket
 
 EOS_CHECK_KWARG = "xla_eos_check_every"
 REPLAY_KWARG = "xla_replay"
@@ -112,14 +113,9 @@ _BUILT_IN_CRITERIA = ("MaxLengthCriteria", "MaxTimeCriteria", "StopStringCriteri
 CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
 # Set on a cache the fast path filled in a layout transformers cannot continue from (sliding layers).
 STALE_ATTR = "_xla_cache_patch_stale"
+# Set on a cache the fast path built and returned: a later call that outgrows it grows it (a conversation).
+GROWS_ATTR = "_xla_cache_patch_grows"
 _DOCS_FIX = "What takes the fast path: the xla-cache-patch README, and docs/generate.md in its repository."
-
-
-# Model types whose tokens change with a static cache (not only its speed), by what they do with it.
-_STATIC_CACHE_CHANGES_TOKENS = {
-    "gpt_neo": "computes its causal and local attention masks from the key length, which a static cache "
-    "sets to the cache length (5.x gives other tokens than with its dynamic cache)",
-}
 
 
 class Fallback(Exception):
@@ -173,6 +169,7 @@ class Plan:
     )  # the user's StaticCache (maybe holding a conversation), else None (the loop builds one)
     spec: ForwardSpec
     cache_start: int = 0  # tokens the cache already holds: input_ids[:, cache_start:] is prefilled after them
+    grow: bool = False  # the user's cache (one the fast path returned) grows to cache_len slots first
     host_criteria: list[Any] = field(default_factory=list)  # user's stopping criteria, run on the host
     max_time: float | None = None  # seconds: transformers' MaxTimeCriteria, run on the host
     stop_strings: Any | None = None  # a transformers StopStringCriteria, run on the device in the step
@@ -270,7 +267,22 @@ def _check_model(model: Any) -> ForwardSpec:
     _require(supports_cache is None or supports_cache(), "the model does not use transformers' Cache classes")
     spec = forward_spec(type(model), encoder_decoder)
     _require(spec is not None, "the forward does not take input_ids/attention_mask/position_ids and a cache")
+    from transformers import GenerationMixin
+
+    _require(
+        type(model).generate is GenerationMixin.generate,
+        f"{type(model).__name__} overrides generate",
+        f"own-generate:{type(model).__name__}",
+        "Nothing to do: transformers' generate runs it (one graph per step).",
+    )
+    _check_state(model, compat.current().model_cache_kinds(config))
     return spec  # type: ignore[return-value]
+
+
+def _check_state(model: Any, kinds: list[str]) -> None:
+    """The closed world: every kind of state the model's cache holds is one the loop runs."""
+    reason = families.unknown_state(model, kinds)
+    _require(reason is None, str(reason), f"model-state:{type(model).__name__}", families.refusal_fix())
 
 
 def _check_encoder_decoder(model: Any) -> None:
@@ -283,14 +295,6 @@ def _check_encoder_decoder(model: Any) -> None:
         own is None,
         f"{type(model).__name__}: {own}",
         f"own-generate:{model_type}",
-        "Nothing to do: transformers' generate runs it (one graph per step).",
-    )
-    from transformers import GenerationMixin
-
-    _require(
-        type(model).generate is GenerationMixin.generate,
-        f"{type(model).__name__} overrides generate",
-        f"own-generate:{type(model).__name__}",
         "Nothing to do: transformers' generate runs it (one graph per step).",
     )
     adapter = compat.current()
@@ -522,7 +526,7 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
         "Nothing to do on this transformers release: the model itself needs a dynamic cache.",
     )
     model_type = getattr(model.config, "model_type", None)
-    changes = _STATIC_CACHE_CHANGES_TOKENS.get(model_type)
+    changes = families.STATIC_CACHE_CHANGES_TOKENS.get(model_type)
     _require(
         changes is None,
         f"{type(model).__name__} {changes}",
@@ -540,8 +544,9 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
     return given[0] if given else None
 
 
-def _check_user_cache(cache: Any, batch: int) -> None:
+def _check_user_cache(model: Any, cache: Any, batch: int) -> None:
     adapter = compat.current()
+    _check_state(model, adapter.cache_kinds(cache))
     tensors = adapter.cache_buffers(cache)
     _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
     size = adapter.cache_batch_size(cache)
@@ -576,21 +581,61 @@ def _check_continuation(cache: Any, held: int, length: int) -> None:
     )
 
 
-def _layout(length: int, max_new: int, cache: Any | None, held: int = 0) -> tuple[int, int]:
-    """(P, C): prompt (or new chunk) bucket and cache/mask length. A user cache fixes C; P shrinks to fit.
+def _layout(length: int, max_new: int, cache: Any | None, held: int = 0) -> tuple[int, int, bool]:
+    """(P, C, grow): prompt (or new chunk) bucket, cache/mask length, and whether the user's cache must
+    first grow to C. A user cache fixes C and P shrinks to fit; a cache the fast path itself built and
+    returned (a conversation's) grows to the next cache bucket instead of overflowing; any other cache
+    too short raises CacheOverflowError before anything is written.
 
     ``held`` tokens already in the cache come first: the chunk is written after them.
     """
     capacity = None if cache is None else compat.current().cache_capacity(cache)
     if capacity is None:
-        return buckets(length, max_new)
+        return (*buckets(length, max_new), False)
     # The last token is never fed back, so held + P + max_new - 1 slots are written.
     bucket = min(prompt_bucket(length), capacity - held - max_new + 1)
-    _require(
-        bucket >= length,
-        f"the cache ({capacity} slots, {held} held) is too short for {length} + {max_new} tokens",
+    if bucket >= length:
+        return bucket, capacity, False
+    if getattr(cache, GROWS_ATTR, False):
+        bucket = prompt_bucket(length)
+        return bucket, max(capacity + 1, cache_bucket(held + bucket + max_new)), True
+    raise overflow(capacity, held, length, max_new)
+
+
+def overflow(capacity: int, held: int, chunk: int, max_new: int) -> CacheOverflowError:
+    """The error for a cache too short for a call, with the slots it needs and where they go."""
+    needed = held + chunk + max_new - 1
+    return CacheOverflowError(
+        capacity,
+        needed - 1,
+        needed=f"{held} held + {chunk} prompt tokens + {max_new} new tokens - 1, the last never written",
     )
-    return bucket, capacity
+
+
+def check_room(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise CacheOverflowError when transformers' own loop would write past the end of the StaticCache
+    passed to this call: on XLA such a write is dropped silently (other tokens), on CPU it raises
+    part-way. Best effort: a call whose lengths cannot be worked out here is left to the loop's checked
+    writes (``compat._ops.checked_writes``)."""
+    from transformers import StaticCache
+
+    caches = [kwargs.get(name) for name in CACHE_KWARGS if type(kwargs.get(name)) is StaticCache]
+    if len(caches) != 1:
+        return
+    cache = caches[0]
+    try:
+        capacity = compat.current().cache_capacity(cache)
+        kwargs = dict(kwargs)
+        inputs, gen_config = _split_args(args, kwargs)
+        ids = _input_ids(inputs)
+        config, _, *has_default = _prepare_config(model, gen_config, kwargs)
+        max_new, _ = _lengths(model, config, tuple(has_default), ids.to("cpu", torch.int64))
+        held = read_cache_length(cache)
+    except Exception:
+        return
+    length = ids.shape[1]
+    if capacity is not None and held < length and length + max_new - 1 > capacity:
+        raise overflow(capacity, held, length - held, max_new)
 
 
 def _rows_per_prompt(config: Any) -> int:
@@ -758,11 +803,11 @@ def plan_request(
     stop_strings = _stop_strings(config, hooks.tokenizer, eos)
     held = 0
     if cache is not None:
-        _check_user_cache(cache, cpu_ids.shape[0])
+        _check_user_cache(model, cache, cpu_ids.shape[0])
         held = read_cache_length(cache)
         if held:
             _check_continuation(cache, held, cpu_ids.shape[1])
-    bucket, cache_len = _layout(cpu_ids.shape[1] - held, max_new, cache, held)
+    bucket, cache_len, grow = _layout(cpu_ids.shape[1] - held, max_new, cache, held)
     if encoder is not None:  # the decoder starts from one token: never padded (its positions are slots)
         bucket = 1
     return Plan(
@@ -785,6 +830,7 @@ def plan_request(
         cache=cache,
         spec=spec,
         cache_start=held,
+        grow=grow,
         host_criteria=hooks.criteria,
         max_time=None if getattr(config, "max_time", None) is None else float(config.max_time),
         stop_strings=stop_strings,
