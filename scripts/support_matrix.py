@@ -160,6 +160,10 @@ def _shrunk_fields(config: Any) -> dict[str, Any]:
         ):
             sections = rope.get("mrope_section") or [16, 24, 24]  # the modeling files' default
             fields[key] = {**rope, "mrope_section": _sections(sections, _head_dim(attrs, fields))}
+    if "qk_rope_head_dim" in fields and isinstance(attrs.get("head_dim"), int):
+        fields["head_dim"] = fields["qk_rope_head_dim"]  # multi-head latent attention: rope over head_dim
+    if "kv_lora_rank" in fields and "num_key_value_heads" in fields:
+        fields["num_key_value_heads"] = fields.get("num_attention_heads", 4)  # MLA: keys for every head
     layers = next((fields[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if k in fields), None)
     if layers is not None:
         for key, value in attrs.items():
