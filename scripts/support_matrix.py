@@ -335,15 +335,17 @@ def prepare(class_name: str, model_type: str) -> dict[str, Any]:
 
 def run_xla(row: dict[str, Any]) -> dict[str, Any]:
     """The patched generate on XLA: the decision, and the tokens when it takes the fast path."""
+    import copy
+
     import torch
     import torch_xla
 
     from tests.xla_scripts.common import Decisions, DeclinedFastPath, compiles
     from xla_cache_patch import fastgen
 
-    model, ids, mask, kwargs, ref = row.pop("pending")
+    cpu_model, ids, mask, kwargs, ref = row.pop("pending")
     device = torch_xla.device()
-    model = model.to(device)
+    model = copy.deepcopy(cpu_model).to(device)
     decisions = Decisions()
     decisions.abort_on_fallback = True
     before = compiles()
@@ -372,7 +374,36 @@ def run_xla(row: dict[str, Any]) -> dict[str, Any]:
         row["xla_tokens"] = got.tolist()
         equal = got.shape == ref.shape and bool(torch.equal(got, ref))
         row["state"] = FAST if equal else OTHER
+        if not equal:
+            row.update(_diagnose(cpu_model, ids, mask, ref, got))
     return row
+
+
+def _diagnose(model: Any, ids: Any, mask: Any, ref: Any, got: Any) -> dict[str, Any]:
+    """Where XLA's tokens first differ from CPU's, and CPU's top-1 minus top-2 logit there (a gap near 0 is
+    a rounding tie, a large one a wrong answer)."""
+    import torch
+
+    start = 1 if model.config.is_encoder_decoder else ids.shape[1]
+    width = min(ref.shape[1], got.shape[1])
+    diff = (ref[:, start:width] != got[:, start:width]).any(dim=0).nonzero()
+    step = int(diff[0]) if diff.numel() else width - start
+    out: dict[str, Any] = {"first_diff_step": step, "why": f"first differs at new token {step}"}
+    try:
+        with torch.no_grad():
+            if model.config.is_encoder_decoder:
+                logits = model(
+                    input_ids=ids, attention_mask=mask, decoder_input_ids=ref[:, : start + step]
+                ).logits
+            else:
+                grown = torch.cat([mask, torch.ones(mask.shape[0], step, dtype=mask.dtype)], 1)
+                logits = model(input_ids=ref[:, : start + step], attention_mask=grown).logits
+        top = logits[:, -1].float().topk(2, dim=-1).values
+        out["cpu_margin"] = [round(float(v), 5) for v in top[:, 0] - top[:, 1]]
+        out["why"] += f"; CPU top-1 minus top-2 logit there: {out['cpu_margin']}"
+    except Exception as exc:
+        out["margin_error"] = _short(exc)
+    return out
 
 
 def child_list() -> None:
