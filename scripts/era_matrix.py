@@ -16,6 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SUITE = [
@@ -42,22 +45,20 @@ def era_versions() -> dict[str, str]:
     return {a.name: a.test_version for a in eras if not a.covers(installed)}
 
 
+# transformers 4.53-4.56 import `kernels` whenever it is installed, and the kernels that transformers 5.25
+# brings into the main environment needs a newer huggingface_hub than the one installed beside them: their
+# folder gets the last kernels that works with it, which shadows the main one.
+OLD_KERNELS = (SpecifierSet(">=4.53,<4.57"), "kernels==0.10.5")
+
+
 def install(version: str, cache: Path) -> Path:
     target = cache / version
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--target", str(target)]
     if not (target / "transformers" / "__init__.py").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--target",
-                str(target),
-                f"transformers=={version}",
-            ],
-            check=True,
-        )
+        subprocess.run([*pip, f"transformers=={version}"], check=True)
+    eras, kernels = OLD_KERNELS
+    if Version(version) in eras and not (target / "kernels").exists():
+        subprocess.run([*pip, "--no-deps", kernels], check=True)
     return target
 
 

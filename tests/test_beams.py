@@ -77,11 +77,28 @@ def test_beam_compiles_do_not_grow_with_new_tokens() -> None:
     assert counts[8] == counts[64] == [3, 0, 0, 2]
 
 
+@pytest.mark.xla
+@pytest.mark.slow
+def test_beam_graphs_serve_every_max_new_tokens_of_a_bucket() -> None:
+    """max_new_tokens 10, 7, 9 share one cache bucket: the first call compiles its graphs (prefill, decode,
+    settle / T5: encoder, prefill, decode), the others none (the search's buffers are bucket-shaped and
+    max_new_tokens is device data; before: 2 graphs per new value); tokens equal CPU stock generate."""
+    result = run_beams("budgets")
+    for name in ("llama", "t5"):
+        runs = result[name]
+        assert runs["took"] == ["fast"] * 3
+        assert all(all(r.values()) for r in runs["results"]), runs["results"]
+        assert runs["compiles"] == [3, 0, 0], (name, runs["compiles"])
+
+
 def _check_sampling(result: dict[str, Any]) -> None:
     assert result["took"] == ["fast"] * 6
     assert result["step0_scores"] == [True, True]  # allclose, the same -inf set
     assert result["reproducible"] == [True, True] and result["seed_changes"] == [True, True]
     assert result["shape"] and result["cold_match"]
+    # temperature 0.01 on peaked logits: ours is beam search's every hypothesis; CPU's draw degenerates
+    # below the best one (zero-probability ids), so only the best hypotheses are compared with CPU's
+    assert result["peaked"]["ours_all_equal_search"] and result["peaked"]["best_equal"]
     # prefill + decode + settle; new seeds 0; top_p switched on: a new processor set (prefill + decode);
     # new temperature / top_k values: 0
     assert result["compiles"] == [3, 0, 0, 2, 0, 0, 0]
@@ -91,8 +108,8 @@ def _check_sampling(result: dict[str, Any]) -> None:
 @pytest.mark.xla
 @pytest.mark.slow
 def test_beam_sampling(beams: int) -> None:
-    """do_sample=True with beams: step-0 scores equal CPU's; seeds reproduce; temperature 0.01 (the draw
-    is the top candidates) gives CPU's tokens."""
+    """do_sample=True with beams: step-0 scores equal CPU's; seeds reproduce; at temperature 0.01 our draw
+    is the top candidates (beam search's hypotheses) and the best one is CPU's."""
     _check_sampling(run_beams("sample", "--beams", str(beams)))
 
 
@@ -124,7 +141,7 @@ def _pool_with_eos_on_top(best_of_candidates: bool) -> bool:
     from xla_cache_patch.fastgen.processors import StepView
 
     config = bs.Beams(2, 1.0, False, 1, best_of_candidates, fill=0)
-    state = bs.initial_state(config, 1, 8, 4, torch.device("cpu"))
+    state = bs.initial_state(config, 1, 8, torch.device("cpu"))
     state.running_scores = torch.tensor([[0.0, -1.0e9]])
     state.scores = torch.tensor([[-0.2, -3.0]])  # a full pool; the eos (about -2.5e-5 at length 2) tops it
     state.finished = torch.ones((1, 2), dtype=torch.bool)

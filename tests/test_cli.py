@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ HAVE_XLA = (
 )
 needs_xla = pytest.mark.skipif(not HAVE_XLA, reason="needs torch_xla and transformers")
 
-ROW_SCHEMA = {
+ROW_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "variant": str,
     "new_tokens": int,
     "compiles": int,
@@ -41,8 +42,9 @@ ROW_SCHEMA = {
     "compute_ms_per_step": float,
     "matmul_gflop_s": float,
     "batch": int,
-    "steady_ms_per_step": float,  # tokens/s is None when a noisy difference is not positive
-    "cpu_eager_ms_per_step": float,
+    # None (and listed under "noisy") when the difference of two warm calls is not positive
+    "steady_ms_per_step": (float, type(None)),
+    "cpu_eager_ms_per_step": (float, type(None)),
     "peak_rss_mb": float,
 }
 
@@ -68,9 +70,9 @@ def test_bench_arguments_parse() -> None:
     assert args.variants == ["loop-stock", "generate-patched"]
     assert args.spmd == 4
     defaults = cli.build_parser().parse_args(["bench"])
-    assert defaults.new_tokens == [8, 32, 128]
+    assert defaults.new_tokens == [16]
     assert defaults.variants == list(bench.DEFAULT_VARIANTS)
-    assert (defaults.batch, defaults.dtype) == ([1], "float32")
+    assert (defaults.batch, defaults.dtype) == ([2], "float32")  # the README's call
     sized = cli.build_parser().parse_args(["bench", "--batch", "1,8,32", "--dtype", "bfloat16"])
     assert (sized.batch, sized.dtype) == ([1, 8, 32], "bfloat16")
 
@@ -123,6 +125,49 @@ def test_steady_state_is_the_difference_of_two_warm_calls() -> None:
     # 64 tokens in 3.0 s, 32 in 1.4 s: 1.6 s for the 32 steps between, whatever the prefill cost
     assert bench_worker.steady_ms(3.0, 1.4, 64) == 50.0
     assert bench_worker._per_s(8, 50.0) == 160.0 and bench_worker._per_s(8, -1.0) is None
+
+
+def test_a_difference_that_is_not_positive_is_not_a_time() -> None:
+    """Under load the shorter warm call can take longer: that is noise, never a negative time."""
+    from xla_cache_patch.tools import bench_worker
+
+    assert bench_worker.steady_ms(1.0, 1.2, 64) is None  # the 32-token call was the slower
+    assert bench_worker.steady_ms(1.0, 1.0, 64) is None
+    assert bench_worker.steady_ms(1.0, 0.99999, 64) is None  # rounds to 0.0 ms
+    assert bench_worker._per_s(8, None) is None
+
+
+def test_the_table_never_shows_a_negative_time() -> None:
+    """The user trial's rows (older JSON kept the raw differences) and the worker's own (None, listed
+    under ``noisy``) both read "n/a (noise)", and so does what is derived from them."""
+    raw = _row(
+        "generate-patched",
+        32,
+        steady_ms_per_step=-18.1,
+        tokens_per_s=None,
+        steady_x_roofline=-205.91,
+        cpu_eager_ms_per_step=-0.1,
+        cpu_eager_tokens_per_s=None,
+    )
+    marked = _row(
+        "loop-inplace",
+        32,
+        steady_ms_per_step=None,
+        steady_x_roofline=None,
+        cpu_eager_ms_per_step=None,
+        noisy=["steady_ms_per_step", "cpu_eager_ms_per_step"],
+    )
+    fine = _row("loop-stock", 32, steady_ms_per_step=2.5, tokens_per_s=400.0, cpu_eager_ms_per_step=1.5)
+    lines = bench.format_table([raw, marked, fine]).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:4]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        for column in ("steady ms/step", "tokens/s", "steady / roofline", "CPU eager ms/step"):
+            assert cells[column] == bench.NOISE, (column, line)
+        assert cells["CPU eager tokens/s"] == bench.NOISE
+    assert not re.search(r"\|\s*-\d", "\n".join(lines))  # no cell starts with a minus and a digit
+    assert "| 2.5 | 400.0 |" in lines[4]
+    assert "n/a (noise)" in bench.table_notes([fine])
 
 
 @pytest.mark.parametrize("variant", ["generate-patched", "loop-dynamo"])
@@ -193,6 +238,22 @@ def test_stock_generate_is_capped_and_deduplicated() -> None:
     assert [j.new_tokens for j in bench.plan_jobs(["generate-stock"], [32], cap=0)] == [32]
 
 
+def test_the_default_run_leaves_out_the_slow_stock_variants_and_says_so() -> None:
+    args = cli.build_parser().parse_args(["bench"])
+    jobs = bench.plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap, tuple(args.batch))
+    assert len(jobs) == 8 and not any(j.capped for j in jobs)
+    assert not set(bench.SKIPPED_BY_DEFAULT) & set(args.variants)
+    assert bench.plan_line(jobs, args) == (
+        "xla-cache-patch bench: 8 runs, each in its own process (8 variants x 16 new tokens x batch 2)"
+    )
+    longer = cli.build_parser().parse_args(["bench", "--new-tokens", "16,64"])
+    jobs = bench.plan_jobs(longer.variants, longer.new_tokens, longer.stock_generate_cap, (1,))
+    assert bench.plan_line(jobs, longer).endswith("; generate-stock capped at 16 new tokens)")
+    note = bench.skipped_note(args.variants)
+    assert note.startswith("Not in the default run (ask for it with --variants generate-stock-chat-config,")
+    assert bench.skipped_note(["loop-stock"]) == ""
+
+
 def _row(variant: str, n: int, **extra: object) -> dict[str, object]:
     row = {
         "variant": variant,
@@ -252,6 +313,106 @@ def test_rows_of_each_batch_are_their_own_and_compared_at_their_batch() -> None:
         "generate-patched batch 4 x8",
     ]
     assert rows[1]["cold_speedup"] == 5.0 and rows[3]["cold_speedup"] == 10.0
+
+
+# --- the bench's verdict: exit 0 when every row is as it should be ---------------------------
+
+
+def test_rows_as_they_should_be_pass() -> None:
+    assert bench.row_failure(_row("loop-inplace", 8)) is None
+    assert bench.row_failure(_row("generate-patched", 8, path="fast")) is None
+    # stock generate dying on XLA:CPU is what the bench measures
+    crashed = {"variant": "generate-stock", "new_tokens": 16, "crashed": True, "error": "worker killed"}
+    assert bench.row_failure(crashed | {"crash": "worker killed"}) is None
+
+
+def test_a_sampled_row_has_no_token_comparison_and_its_seed_must_reproduce() -> None:
+    """The user trial: the chat-config rows carry tokens_match_cpu=None and failed the bench."""
+    stock = _row("generate-stock-chat-config", 16, tokens_match_cpu=None, same_tokens_cold_steady=False)
+    fast = _row("generate-chat-config", 16, tokens_match_cpu=None, same_tokens_cold_steady=True, path="fast")
+    assert bench.row_failure(stock) is None  # torch_xla's RNG ignores torch.manual_seed: nothing to check
+    assert bench.row_failure(fast) is None
+    assert "same seed gave different tokens" in str(
+        bench.row_failure(fast | {"same_tokens_cold_steady": False})
+    )
+    table = bench.format_table([stock, fast])
+    assert table.count("n/a (sampled)") == 2 and "**NO**" not in table
+
+
+def test_failed_rows_name_the_row_and_what_failed() -> None:
+    rows = [
+        _row("loop-inplace", 8, tokens_match_cpu=False),
+        _row("generate-patched", 32, batch=8, path="fallback: output_attentions"),
+        {"variant": "generate-stock", "new_tokens": 8, "batch": 1, "error": "KeyError: x (during load)"},
+        _row("loop-dynamo", 8, tokens_match_cpu=None),
+        _row("generate-patched", 8, dtype="bfloat16", tokens_match_cpu=False),
+    ]
+    assert bench.failed_rows(rows) == [
+        "loop-inplace batch 1 x8: tokens differ from CPU eager's",
+        "generate-patched batch 8 x32: did not take the fast path (fallback: output_attentions)",
+        "generate-stock batch 1 x8: KeyError: x (during load)",  # not a crash of its own variant
+        "loop-dynamo batch 1 x8: tokens differ from CPU eager's",
+        "generate-patched batch 1 x8: tokens differ from CPU eager's (bfloat16: XLA:CPU rounds unlike "
+        "torch's CPU kernels, see docs/bench.md)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "code", "says"),
+    [
+        (
+            [
+                _row("generate-stock-chat-config", 16, tokens_match_cpu=None),
+                _row("generate-chat-config", 16, tokens_match_cpu=None, same_tokens_cold_steady=True),
+                _row("loop-inplace", 16),
+            ],
+            0,
+            "ok: every row as expected (3 rows)",
+        ),
+        (
+            [_row("loop-inplace", 16, tokens_match_cpu=False), _row("loop-stock", 16, error="boom\ntrace")],
+            1,
+            "FAILED: loop-inplace batch 1 x16: tokens differ from CPU eager's (and 1 more row(s) failed",
+        ),
+    ],
+)
+def test_bench_exit_status_and_its_one_line_reason(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    rows: list[dict[str, object]],
+    code: int,
+    says: str,
+) -> None:
+    monkeypatch.setattr(bench, "run_jobs", lambda jobs, args, stream=None: [dict(r) for r in rows])
+    assert cli.main(["bench", "--variants", "loop-inplace"]) == code
+    plan, verdict = capsys.readouterr().err.strip().splitlines()  # what it will do; one line of verdict
+    assert plan.startswith("xla-cache-patch bench: 1 run, each") and says in verdict, verdict
+
+
+def test_progress_says_what_the_worker_does() -> None:
+    """Off a terminal: a line per phase, and one every note_every seconds within a long phase."""
+    import io
+
+    out = io.StringIO()
+    progress = bench.Progress(8, out, note_every=30.0)
+    progress.done = 2
+    label = bench.job_label("generate-patched", 8, 32)
+    progress.start(label)
+    cold = {"phase": "cold", "compiles": 4, "compiles_at_phase": 3}
+    progress.tick(label, 5.0, {"phase": "load"})
+    progress.tick(label, 20.0, cold)
+    progress.tick(label, 30.0, cold | {"compiles": 5})  # same phase, within 30 s: no new line
+    progress.tick(label, 51.0, cold | {"compiles": 5})
+    progress.tick(label, 60.0, {"phase": "steady", "doing": "timing warm calls of 32 and 16 tokens"})
+    progress.finish(label, 70.0)
+    assert out.getvalue().splitlines() == [
+        "[3/8] generate-patched batch 8 x32: starting, 0 s",
+        "[3/8] generate-patched batch 8 x32: loading the model, 5 s",
+        "[3/8] generate-patched batch 8 x32: cold call: compiling (1 graph so far), 20 s",
+        "[3/8] generate-patched batch 8 x32: cold call: compiling (2 graphs so far), 51 s",
+        "[3/8] generate-patched batch 8 x32: timing warm calls of 32 and 16 tokens, 60 s",
+        "[3/8] generate-patched batch 8 x32: done (70 s)",
+    ]
 
 
 FAKE_WORKER = """
@@ -495,7 +656,7 @@ def test_small_bench_writes_rows_matching_the_schema(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "| variant | batch | new tokens |" in proc.stdout
-    assert "2/2" in proc.stderr  # the progress bar reached the end
+    assert "[2/2] loop-inplace batch 2 x4: done" in proc.stderr  # the last job finished
 
     data = json.loads(out_json.read_text())
     assert data["environment"]["transformers"]
@@ -634,3 +795,21 @@ def test_bench_refuses_a_model_of_the_wrong_kind_for_a_variant(capsys: pytest.Ca
     parsed = cli.build_parser().parse_args(["bench", "--variants", "generate-beams,generate-encdec"])
     assert parsed.variants == ["generate-beams", "generate-encdec"]
     assert "generate-beams" not in bench.DEFAULT_VARIANTS  # asked for by name
+
+
+def test_warmup_takes_the_generation_options_of_the_calls_to_come() -> None:
+    named = ["--do-sample", "--temperature", "0.7", "--top-k", "20", "--num-beams", "2"]
+    generic = ["--gen", "repetition_penalty=1.2", "--gen", "eos_token_id=[2, 3]", "--gen", "stop_strings=END"]
+    args = cli.build_parser().parse_args(["warmup", *named, *generic])
+    assert cli.generate_options(args) == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 20,
+        "num_beams": 2,
+        "repetition_penalty": 1.2,
+        "eos_token_id": [2, 3],
+        "stop_strings": "END",
+    }
+    assert cli.generate_options(cli.build_parser().parse_args(["warmup"])) == {}  # the model's config
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        cli.generate_options(cli.build_parser().parse_args(["warmup", "--gen", "top_p"]))

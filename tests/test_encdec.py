@@ -80,6 +80,8 @@ def test_beams_match_cpu_generate(model: str) -> None:
     for case in result["results"]:
         assert case["sequences"] and case["scores"] and case["beam_indices"] and case["steps"], case
     assert [case["compiles"] for case in result["results"]] == [3, 0, 3, 2, 2]
+    for case in result["results"]:  # transformers' encoder-decoder beam output, its fields as stock's
+        assert case["type"] == ["GenerateBeamEncoderDecoderOutput"] * 2 and case["fields_equal"], case
     assert result["ended_early"]
     assert result["long"] == {"compiles": 2, "shape": [2, 65]}
     assert result["sampled"] == {"match": True, "reproducible": True}
@@ -101,7 +103,48 @@ def test_return_dict_with_scores() -> None:
     result = run_case("scores", "--model", "t5")
     assert result["took"] == ["fast"]
     assert result["type"] == result["ref_type"] == "GenerateEncoderDecoderOutput"
+    assert result["fields_equal"]  # encoder_* / decoder_* None, as stock without output_attentions etc.
     assert result["match"] and result["scores_close"] and result["steps"] == 6
+
+
+#: Families beyond the five above, in one process: fast ones (5 graphs each), then those refused up front.
+FAST_FAMILIES = ["mt5", "pegasus", "blenderbot-small"]
+REFUSED_FAMILIES = {
+    "blenderbot": "encoder_no_repeat_ngram_size=3",  # its config's default: a processor not on the fast path
+    "m2m100": "torch_xla 2.9 cannot lower",  # NLLB's class
+    "led": "torch.arange(cache_length",
+    "fsmt": "differ from CPU generate",
+    "prophetnet": "does not run with a static cache",
+}
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_more_families_fast_with_cpu_tokens_or_refused_up_front() -> None:
+    """A right-padded batch of 2, 8 then 64 new tokens: fast families give CPU's tokens with 3 graphs
+    then 2 (the longer cache's decoder pair); the others are refused before any graph, with the reason."""
+    families = ",".join([*FAST_FAMILIES, *REFUSED_FAMILIES])
+    rows = run_case("families", "--models", families)["families"]
+    for kind in FAST_FAMILIES:
+        row = rows[kind]
+        assert row["took"] == ["fast", "fast"], row
+        assert row["match"] == {"8": True, "64": True} and row["compiles"] == {"8": 3, "64": 2}, row
+    for kind, why in REFUSED_FAMILIES.items():
+        row = rows[kind]
+        assert row["took"] == ["fallback"] and row["compiles"] == {"8": 0}, row
+        assert why in row["declined"], row
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_given_encoder_outputs_without_input_ids() -> None:
+    """The encoder already ran: encoder_outputs= with the attention_mask, and without (stock then
+    attends every position). Fast, CPU's tokens; graphs: the states padded to the bucket, the prefill and
+    the decode step, then none for the second call."""
+    result = run_case("given-encoder", "--model", "bart", "--new-tokens", "6")
+    assert result["took"] == ["fast", "fast"]
+    assert result["match"] == {"mask": True, "no_mask": True} and result["mask_equals_input_ids"]
+    assert result["compiles"] == {"mask": 3, "no_mask": 0} and result["device"] == "xla:0"
 
 
 @pytest.mark.xla

@@ -59,6 +59,40 @@ def test_explicit_optout_falls_back_with_one_warning(era: Path | None) -> None:
     one_warning(result, "cache_implementation")
 
 
+def test_each_refusal_names_its_fix() -> None:
+    """The WARNING's fix names the change that takes the fast path (planning only, then two real
+    fallbacks: a right-padded batch, and generate under inference mode, which raises unpatched too)."""
+    result = run_paths("fixes")
+    decided = result["decided"]
+    assert not any(d["fast"] for d in decided.values())
+    fixes = {name: d["fix"] for name, d in decided.items()}
+    for option in ("suppress_tokens", "bad_words_ids", "sequence_bias", "top_k", "repetition_penalty"):
+        assert option in fixes["logits_processor"]
+    for spelling in ('padding_side = "left"', 'padding_side="left"'):
+        assert spelling in fixes["right_padding"]
+    assert "pass penalty_alpha=0.0 to generate" in fixes["option"]
+    assert fixes["beams_max_time"].startswith("Drop max_time")
+    assert "max_cache_len >= 67" in fixes["cache_short"]  # 8 prompt + 60 new - 1
+    assert "Leave out token_type_ids" in fixes["model_kwargs"]
+    assert "max_new_tokens" in fixes["max_length"]
+    assert "torch.no_grad() instead of torch.inference_mode()" in fixes["inference_mode"]
+    assert decided["inference_mode"]["key"] == "inference-mode"
+    assert not any("README" in fix or "report" in fix for fix in fixes.values())
+    assert result["took"] == ["fallback", "fallback"] and result["right_error"] is None
+    assert result["inference_error"]["message"] == "Cannot set version_counter for inference tensor"
+    right, inference = (w["message"] for w in result["warnings"])
+    assert len(result["warnings"]) == 2
+    assert 'padding_side = "left"' in right and "torch.no_grad() instead" in inference
+    # a Decision's repr is one line: the plan's shape and mode, not its tensors
+    reprs = result["reprs"]
+    assert reprs["fast"] == (
+        "Decision(fast=True, plan=Plan(batch=2, prompt=8, prompt_bucket=16, cache_len=32, max_new_tokens=4, "
+        "greedy, eos=[], processors=[]))"
+    ), reprs["fast"]
+    assert reprs["str"] == "fast path"
+    assert reprs["fallback"].startswith("Decision(fast=False, key='inference-mode', message=")
+
+
 @pytest.mark.parametrize("era", ERAS)
 def test_declined_call_warns_once(era: Path | None) -> None:
     result = run_paths("fallback-warns", "--new-tokens", "3", era=era)
@@ -110,3 +144,12 @@ def test_no_cache_requested_on_unsupported_model_4_46() -> None:
     assert result["error"] is None
     assert "fast" not in result["took"], result["took"]
     assert result["match"]
+
+
+def test_dynamic_sliding_window_on_transformers_loop() -> None:
+    """A window longer than the sequence (Mistral, 4096): stock's DynamicSlidingWindowLayer slices past
+    the start, which XLA rejects ("Value out of range"); the era adapter clamps the slices on XLA, so a
+    fallback runs and gives CPU's tokens, and a crop past the window keeps CPU's slots."""
+    result = run_paths("dynamic-window")
+    assert result["took"] == ["fallback"] and result["error"] is None, result
+    assert result["match"] and result["crop_equal"], result

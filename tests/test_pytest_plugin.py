@@ -212,17 +212,59 @@ def test_recompilation_guard(pytester: pytest.Pytester, monkeypatch: pytest.Monk
                     logits = model(input_ids=token, past_key_values=cache, cache_position=position).logits
                     token = logits[:, -1:].argmax(-1)
                     torch_xla.sync()
+
+
+        @pytest.mark.xla_cache_patch
+        @pytest.mark.xla_max_compiles(0)
+        def test_generate_that_falls_back():
+            from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+            device = torch_xla.device()
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            )
+            model = LlamaForCausalLM(config).to(device).eval()
+            ids = torch.tensor([[5, 6, 7]], device=device)
+            double = LogitsProcessorList([lambda input_ids, scores: scores * 2])
+            model.generate(ids, max_new_tokens=2, do_sample=False, logits_processor=double, pad_token_id=0)
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly", "--xla-cache-patch")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=2, failed=2)
     failure = "\n".join(result.outlines)
+    # the guard says why: the patch never applied (no transformers import), a generate call fell back
+    assert "requested (--xla-cache-patch) but never applied" in failure, failure
+    assert "generate call 1 of 1 fell back to transformers' loop" in failure, failure
+    assert "Leave logits_processor out to take the fast path" in failure, failure
     match = re.search(r"xla_max_compiles\(1\): the test body compiled (\d+) XLA graphs", failure)
     assert match and int(match.group(1)) > 1, failure
     # the rerun hint keeps the session's options: rerun unpatched, it would show stock's compiles
     hint = "-p no:randomly --xla-cache-patch 'test_recompilation_guard.py::"  # pytester adds --basetemp
     assert hint in failure.replace("\n", ""), failure
     result.stdout.fnmatch_lines(["FAILED *test_recompiles_for_each_shape*"])
+
+
+def test_guard_says_what_the_generate_calls_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from xla_cache_patch import pytest_plugin
+
+    fast = SimpleNamespace(fast=True, message=None, fix=None)
+    declined = SimpleNamespace(fast=False, message="right-padded prompt", fix='padding_side="left"')
+    cause = pytest_plugin._guard_cause(None, [fast, declined])
+    assert cause == (
+        "generate call 2 of 2 fell back to transformers' loop (a graph per step): right-padded prompt. "
+        'padding_side="left"'
+    )
+    assert "2 generate call(s) took the fast path" in pytest_plugin._guard_cause(None, [fast, fast])
+    assert "no generate call" in pytest_plugin._guard_cause(None, [])
+    monkeypatch.setattr(pytest_plugin, "_applied_now", lambda: False)
+    monkeypatch.setattr(activation, "current_request", lambda: None)
+    off = pytest_plugin._patch_note(applied_at_start=False)
+    assert off is not None and "The patch was off during the test body" in off
+    assert pytest_plugin._guard_cause(off, []) == off
 
 
 @needs_transformers

@@ -73,6 +73,8 @@ def test_streamers_give_stock_text(tokens: int, era: Path | None) -> None:
     assert result["n_puts"] == 1 + result["len"] - 8  # the prompt, then one put per new token
     assert result["compiles"] == [2, 0, 0, 0]  # a streamer adds no graph
     assert "batch of 2" in result["batch_2"]
+    # generate in a worker thread (the TextIteratorStreamer demo): recorded() around it sees its call
+    assert result["worker"] == {"seen": ["fast"], "iter_match": True}
 
 
 @pytest.mark.parametrize("era", ERAS)

@@ -126,12 +126,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     if marker is None:
         return (yield)
     limit = _compile_limit(marker)
+    from xla_cache_patch import fastgen
     from xla_cache_patch.metrics import count_compiles
 
-    with count_compiles() as counter:
+    applied_at_start = _applied_now()  # the fixtures have run: the state the body starts in
+    with count_compiles() as counter, fastgen.recorded() as decisions:
         result = yield
     if counter.compiles > limit:
-        pytest.fail(_guard_message(item, limit, counter.compiles, counter.executions), pytrace=False)
+        message = _guard_message(item, limit, counter.compiles, counter.executions)
+        cause = _guard_cause(_patch_note(applied_at_start), decisions)
+        pytest.fail(f"{message}\n{cause}", pytrace=False)
     return result
 
 
@@ -219,6 +223,46 @@ def _options(item: pytest.Item) -> str:
     args = item.config.invocation_params.args
     kept = [arg for arg in args if "::" not in arg and not os.path.exists(arg)]  # paths are replaced
     return "".join(f"{shlex.quote(arg)} " for arg in kept)
+
+
+def _patch_note(applied_at_start: bool) -> str | None:
+    """Why the patch did not cover the test body, or None when it did (generate's fast path included)."""
+    if not (applied_at_start or _applied_now()):
+        request = activation.current_request()
+        if request is not None:
+            return (
+                f"The patch was requested ({request.source}) but never applied: the test body did not "
+                f"import {activation.TARGET_MODULE} (transformers' cache classes), so nothing was patched."
+            )
+        return (
+            "The patch was off during the test body: transformers ran unpatched (apply it with the "
+            f"{FIXTURE} fixture, @pytest.mark.{PATCH_MARK}, or pytest --xla-cache-patch)."
+        )
+    status = importlib.import_module("xla_cache_patch.registry").status()
+    if not status.generate:
+        return (
+            f"The patch was on (mode={status.mode}) but not its generate fast path: {status.generate_reason}."
+        )
+    return None
+
+
+def _guard_cause(patch: str | None, decisions: list[Any]) -> str:
+    """What the test body's generate calls did: the likely source of the compiles, with its fix."""
+    lines = [] if patch is None else [patch]
+    for number, decision in enumerate(decisions, 1):
+        if not decision.fast:
+            lines.append(
+                f"generate call {number} of {len(decisions)} fell back to transformers' loop (a graph per "
+                f"step): {decision.message}. {decision.fix}"
+            )
+    if decisions and all(d.fast for d in decisions):
+        lines.append(
+            f"Its {len(decisions)} generate call(s) took the fast path: a first call compiles its bucket's "
+            "graphs (prefill, decode); compile them in a fixture first (xla_cache_patch.warmup) or raise n."
+        )
+    elif not decisions and patch is None:
+        lines.append("The test body made no generate call: the compiles come from its own XLA code.")
+    return "\n".join(lines)
 
 
 def _guard_message(item: pytest.Item, limit: int, compiles: int, executions: int) -> str:

@@ -45,6 +45,13 @@ def first_prompt(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def slots(cache: Any) -> int | None:
+    """The static cache's length (None for CPU's dynamic cache, or 4.x's legacy tuple)."""
+    if type(cache) is not transformers.StaticCache:
+        return None
+    return xla_cache_patch.compat.current().cache_capacity(cache)
+
+
 def conversation(model: Any, device: Any, batch: int, count: Any) -> dict[str, Any]:
     ids, mask = first_prompt(batch)
     kwargs = dict(eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True)
@@ -71,7 +78,7 @@ def conversation(model: Any, device: Any, batch: int, count: Any) -> dict[str, A
                 "took": RECORDS.took(),
                 "graphs": graphs,
                 "new": seq[:, ids.shape[1] :].tolist(),
-                "cache_slots": xla_cache_patch.compat.current().cache_capacity(cache),
+                "cache_slots": slots(cache),
             }
         )
         ids, mask = (

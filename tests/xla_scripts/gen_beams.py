@@ -7,6 +7,7 @@ so its values share them. XLA:CPU dies near 40 graphs in one process: a case gro
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py match --beams 2
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py compiles --new-tokens 64
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py fallbacks
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_beams.py budgets
 """
 
 from __future__ import annotations
@@ -140,8 +141,12 @@ def case_compiles(args: argparse.Namespace) -> dict[str, Any]:
 
 def case_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Beam sampling (do_sample=True, num_beams > 1): step-0 processed scores equal CPU's (allclose, the
-    same -inf set); a seed reproduces its sequences, another seed changes them; at temperature 0.01 the draw
-    is the top candidates, so the tokens equal CPU's; new warper values compile nothing."""
+    same -inf set); a seed reproduces its sequences, another seed changes them; new warper values compile
+    nothing. At temperature 0.01 the fast path's draw is the top candidates: every returned hypothesis is
+    beam search's. CPU's draw there is not (its softmax underflows to a few non-zero entries, and
+    torch.multinomial without replacement fills the other candidates with zero-probability ids): on a
+    model with peaked logits (the lm_head scaled up) its lower hypotheses differ from beam search's, while
+    its best one, like ours, is beam search's."""
     model = build("llama")
     ids, mask = prompts(2)
     new, beams = args.new_tokens, args.beams
@@ -153,6 +158,12 @@ def case_sample(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         refs.append(model.generate(ids, attention_mask=mask, **kw, **extra))
     cold_ref = model.generate(ids, attention_mask=mask, **kw, **cold).sequences
+    peaked = build("llama")
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(30.0)
+    every = {**kw, "num_return_sequences": beams}
+    peaked_search = peaked.generate(ids, attention_mask=mask, **{**every, "do_sample": False}).sequences
+    peaked_cpu = peaked.generate(ids, attention_mask=mask, **every, **cold).sequences
     on_xla(model)
     xla_cache_patch.apply()
     xids, xmask = ids.to(model.device), mask.to(model.device)
@@ -170,7 +181,15 @@ def case_sample(args: argparse.Namespace) -> dict[str, Any]:
     before = compiles()
     cold_got = model.generate(xids, attention_mask=xmask, **kw, **cold).sequences.cpu()
     per_call.append(compiles() - before)
+    on_xla(peaked)
+    peaked_got = peaked.generate(xids, attention_mask=xmask, **every, **cold).sequences.cpu()
+    best = slice(None, None, beams)  # each prompt's best hypothesis
     return {
+        "peaked": {
+            "ours_all_equal_search": torch.equal(peaked_got, peaked_search),
+            "cpu_all_equal_search": torch.equal(peaked_cpu, peaked_search),
+            "best_equal": torch.equal(peaked_got[best], peaked_cpu[best]),
+        },
         "transformers": transformers.__version__,
         "took": took,
         "step0_scores": step0,
@@ -206,9 +225,50 @@ def case_fallbacks(args: argparse.Namespace) -> dict[str, Any]:
     return {"keys": keys, "plain_fast": plain.fast}
 
 
+BUDGETS = (10, 7, 9)  # one cache bucket for both models (prompt bucket 16 + new: 32; T5's 1 + new: 16)
+
+
+def case_budgets(args: argparse.Namespace) -> dict[str, Any]:
+    """Beam search with max_new_tokens 10, 7, 9 in one bucket, decoder-only (Llama) and encoder-decoder
+    (T5): the first call compiles the bucket's graphs, the next ones none; tokens (and scores, beam indices)
+    equal CPU stock generate (Llama with an eos id, T5 without)."""
+    from tests.xla_scripts.gen_encdec import inputs as seq2seq_inputs
+    from xla_cache_patch.tools import tiny
+
+    llama = build("llama")
+    ids, mask = prompts(2)
+    eos = _pick_eos(llama, ids, mask, 2, max(BUDGETS))[:1]
+    t5 = tiny.tiny_seq2seq("t5")
+    t5_ids, t5_mask = seq2seq_inputs(t5)
+    runs = {
+        "llama": (llama, ids, mask, dict(eos_token_id=eos)),
+        "t5": (t5, t5_ids, t5_mask, dict(eos_token_id=None, early_stopping="never")),
+    }
+    refs = {
+        name: [model.generate(i, attention_mask=m, **_kw(2, new, **extra)) for new in BUDGETS]
+        for name, (model, i, m, extra) in runs.items()
+    }
+    xla_cache_patch.apply()
+    result: dict[str, Any] = {"budgets": list(BUDGETS)}
+    for name, (model, i, m, extra) in runs.items():
+        on_xla(model)
+        xi, xm = i.to(model.device), m.to(model.device)
+        per_call, match, took = [], [], []
+        for new, ref in zip(BUDGETS, refs[name], strict=True):
+            before = compiles()
+            with xla_cache_patch.fastgen.recorded() as decisions:
+                got = model.generate(xi, attention_mask=xm, **_kw(2, new, **extra))
+            per_call.append(compiles() - before)
+            took += ["fast" if d.fast else str(d) for d in decisions]
+            match.append(_same(got, ref))
+        lengths = [int(r.sequences.shape[1]) for r in refs[name]]
+        result[name] = {"compiles": per_call, "results": match, "took": took, "lengths": lengths}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["match", "compiles", "sample", "fallbacks"])
+    parser.add_argument("case", choices=["match", "compiles", "sample", "fallbacks", "budgets"])
     parser.add_argument("--beams", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--one-eos", action="store_true")
@@ -219,6 +279,7 @@ def main() -> None:
         "compiles": case_compiles,
         "sample": case_sample,
         "fallbacks": case_fallbacks,
+        "budgets": case_budgets,
     }
     result = cases[args.case](args)
     print("RESULT " + json.dumps(result))

@@ -66,6 +66,13 @@ def _base(model: Any, new_tokens: int) -> dict[str, Any]:
     return dict(max_new_tokens=new_tokens, cache_implementation="static", do_sample=False)
 
 
+def _fields(out: Any) -> dict[str, bool]:
+    """Which fields of a generate output are set (its type's, as transformers fills them)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(out, f.name) is not None for f in fields(out)}
+
+
 def case_greedy(args: argparse.Namespace) -> dict[str, Any]:
     """Greedy, with an eos that stops row 0 early, and with processors; tokens equal to CPU generate."""
     model = tiny.tiny_seq2seq(args.model)
@@ -216,6 +223,7 @@ def case_scores(args: argparse.Namespace) -> dict[str, Any]:
         "took": RECORDS.took(),
         "type": type(out).__name__,
         "ref_type": type(ref).__name__,
+        "fields_equal": _fields(out) == _fields(ref),
         "match": torch.equal(sequences(out), ref.sequences),
         "scores_close": close,
         "steps": len(out.scores),
@@ -272,7 +280,15 @@ def case_beams(args: argparse.Namespace) -> dict[str, Any]:
                 x_ids, attention_mask=x_mask, **base, eos_token_id=eos, **extra
             )
         )
-        results.append({"options": repr(extra), **_same(out, ref), "compiles": graphs})
+        results.append(
+            {
+                "options": repr(extra),
+                **_same(out, ref),
+                "compiles": graphs,
+                "type": [type(out).__name__, type(ref).__name__],
+                "fields_equal": _fields(out) == _fields(ref),
+            }
+        )
     ended = any(bool((r.sequences[:, 1:-1] == eos).any()) for r in refs)
     # 64 new tokens (eos off: every step runs): the decoder graphs of a longer cache, the encoder's reused
     long_kw = dict(**_base(model, 64), num_beams=4, early_stopping="never", eos_token_id=None)
@@ -291,7 +307,86 @@ def case_beams(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def case_families(args: argparse.Namespace) -> dict[str, Any]:
+    """Several families in one process (5 graphs each when fast): per family, 8 and 64 new tokens on a
+    right-padded batch of 2, tokens against CPU generate, graphs per call, or the refusal's reason."""
+    from tests.xla_scripts.common import DeclinedFastPath, attempt
+
+    kinds = args.models.split(",")
+    models = {kind: tiny.tiny_seq2seq(kind) for kind in kinds}
+    refs = {}
+    for kind, model in models.items():
+        ids, mask = inputs(model)
+        refs[kind] = attempt(
+            lambda model=model, ids=ids, mask=mask: {
+                n: model.generate(ids, attention_mask=mask, **_base(model, n), eos_token_id=None)
+                for n in (8, 64)
+            }
+        )
+    xla_cache_patch.apply()
+    device = torch_xla.device()
+    rows = {}
+    for kind, model in models.items():
+        ids, mask = inputs(model)
+        model = on_xla(model)
+        ref, ref_err = refs[kind]
+        row: dict[str, Any] = {"cpu_error": ref_err, "took": [], "match": {}, "compiles": {}}
+        for n in (8, 64):
+            RECORDS.clear()
+            RECORDS.abort_on_fallback = True
+            x = ids.to(device)
+            kw = dict(attention_mask=mask.to(device), **_base(model, n), eos_token_id=None)
+            (out, err), graphs = timed_call(
+                lambda call=model.generate, x=x, kw=kw: attempt(lambda: call(x, **kw))
+            )
+            RECORDS.abort_on_fallback = False
+            row["took"] += RECORDS.took()
+            row["compiles"][str(n)] = graphs
+            if err is not None:
+                declined = err["type"] == DeclinedFastPath.__name__
+                row["declined" if declined else "error"] = err["message"]
+                break
+            row["match"][str(n)] = ref is not None and torch.equal(sequences(out), ref[n])
+        rows[kind] = row
+    return {"families": rows}
+
+
+def case_given_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    """``encoder_outputs=`` without input_ids (the encoder already ran), with the attention_mask and
+    without: the fast path skips the encoder and gives CPU generate's tokens (which equal those from
+    input_ids when the mask is given)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = tiny.tiny_seq2seq(args.model)
+    ids, mask = inputs(model)
+    base = dict(**_base(model, args.new_tokens), eos_token_id=None)
+    with torch.no_grad():
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    from_ids = model.generate(ids, attention_mask=mask, **base)
+    refs = {
+        "mask": model.generate(encoder_outputs=BaseModelOutput(hidden), attention_mask=mask, **base),
+        "no_mask": model.generate(encoder_outputs=BaseModelOutput(hidden), **base),
+    }
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    given = BaseModelOutput(last_hidden_state=hidden.to(device))
+    match, graphs = {}, {}
+    for name, kw in (("mask", {"attention_mask": mask.to(device)}), ("no_mask", {})):
+        out, graphs[name] = timed_call(lambda kw=kw: model.generate(encoder_outputs=given, **kw, **base))
+        match[name] = torch.equal(sequences(out), refs[name])
+    return {
+        "took": RECORDS.took(),
+        "match": match,
+        "compiles": graphs,
+        "mask_equals_input_ids": torch.equal(refs["mask"], from_ids),
+        "device": str(out.device),
+    }
+
+
 CASES = {
+    "given-encoder": case_given_encoder,
+    "families": case_families,
     "beams": case_beams,
     "era": case_era,
     "scores": case_scores,
@@ -307,6 +402,7 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(tiny.TINY_SEQ2SEQ), default="t5")
     ap.add_argument("--left", action="store_true", help="left-pad the short row")
     ap.add_argument("--new-tokens", type=int, default=10)
+    ap.add_argument("--models", default="t5", help="families: comma-separated TINY_SEQ2SEQ kinds")
     run_case(CASES, ap)
 
 

@@ -12,6 +12,7 @@ Prints one ``RESULT {json}`` line.
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py continuation-returned --batch 1
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py refused --model gpt-neo
     PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py no-cache-requested-unsupported
+    PJRT_DEVICE=CPU python tests/xla_scripts/gen_paths.py fixes
 """
 
 from __future__ import annotations
@@ -360,6 +361,93 @@ def case_no_cache_requested_unsupported(args: argparse.Namespace) -> dict[str, A
     }
 
 
+class _Doubler(transformers.LogitsProcessor):
+    """A user's own processor (arbitrary Python per step)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores * 2
+
+
+def case_fixes(args: argparse.Namespace) -> dict[str, Any]:
+    """The fix each refusal names, from ``fastgen.decide`` (planning only: nothing compiles), then two
+    calls that fall back for real, with their one WARNING each: a right-padded batch (transformers' loop
+    on XLA, a few steps) and a call under ``torch.inference_mode()`` (it raises, unpatched too)."""
+    model = on_xla(MODELS[args.model]())
+    device = torch_xla.device()
+    ids, mask = prompts(2)
+    ids, mask = ids.to(device), mask.to(device)
+    right_ids, right_mask = ids.flip(1), mask.flip(1)
+    base = dict(max_new_tokens=args.new_tokens, pad_token_id=PAD, eos_token_id=None, do_sample=False)
+    calls: dict[str, tuple[Any, dict[str, Any]]] = {
+        "logits_processor": (ids, dict(logits_processor=transformers.LogitsProcessorList([_Doubler()]))),
+        "right_padding": (right_ids, dict(attention_mask=right_mask)),
+        "option": (ids, dict(penalty_alpha=0.6, top_k=4)),
+        "beams_max_time": (ids, dict(num_beams=2, max_time=5.0)),
+        "cache_short": (ids, dict(past_key_values=static_cache(model, 2, device), max_new_tokens=60)),
+        "model_kwargs": (ids, dict(token_type_ids=torch.zeros_like(ids))),
+        "max_length": (ids, dict(max_new_tokens=None, max_length=8)),
+    }
+    decided = {}
+    for name, (call_ids, extra) in calls.items():
+        kwargs = {"attention_mask": mask, **base, **extra}
+        decision = xla_cache_patch.fastgen.decide(model, (call_ids,), kwargs)
+        decided[name] = {"fast": decision.fast, "key": decision.key, "fix": decision.fix}
+    with torch.inference_mode():
+        decision = xla_cache_patch.fastgen.decide(model, (ids,), dict(attention_mask=mask, **base))
+    decided["inference_mode"] = {"fast": decision.fast, "key": decision.key, "fix": decision.fix}
+    fast = xla_cache_patch.fastgen.decide(model, (ids,), dict(attention_mask=mask, **base))
+    reprs = {"fast": repr(fast), "str": str(fast), "fallback": repr(decision)}
+    xla_cache_patch.apply()
+    RECORDS.clear()
+    kwargs = dict(base, max_new_tokens=2, cache_implementation="static")
+    _, right_error = attempt(lambda: model.generate(right_ids, attention_mask=right_mask, **kwargs))
+
+    def under_inference_mode() -> Any:
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=mask, **kwargs)
+
+    _, inference_error = attempt(under_inference_mode)
+    return {
+        "decided": decided,
+        "reprs": reprs,
+        "took": RECORDS.took(),
+        "warnings": RECORDS.warnings(),
+        "right_error": right_error,
+        "inference_error": inference_error,
+    }
+
+
+def case_dynamic_window(args: argparse.Namespace) -> dict[str, Any]:
+    """Mistral with a 4096-token window and a 5-token prompt on transformers' own loop (a dynamic cache):
+    stock's sliding layer slices ``[-window + 1:]`` past the start, which XLA rejects; patched, CPU's
+    tokens. Then ``crop`` past the window (assisted decoding's rollback) on XLA equals CPU's."""
+    config = transformers.MistralConfig(**LLAMA_FIELDS, sliding_window=4096, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids, mask = prompts(args.batch)
+    kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False)
+    kw.update(cache_implementation="dynamic", eos_token_id=None, pad_token_id=PAD)
+    ref = model.generate(ids, **kw)
+    xla_cache_patch.apply()
+    model = on_xla(model)
+    device = torch_xla.device()
+    out, err = attempt(lambda: model.generate(ids.to(device), **{**kw, "attention_mask": mask.to(device)}))
+    crops = {}
+    for where in ("cpu", device):
+        layer = transformers.cache_utils.DynamicSlidingWindowLayer(sliding_window=4)
+        layer.activate_past_recording()
+        keys = torch.arange(4.0).reshape(1, 1, 4, 1).to(where)
+        layer.update(keys, keys)
+        layer.crop(-2)  # keeps [-5:-2] of 4 slots
+        crops[str(where)] = layer.keys.cpu().flatten().tolist()
+    return {
+        "took": RECORDS.took(),
+        "error": err,
+        "match": out is not None and torch.equal(out.cpu(), ref),
+        "crop_equal": len(set(map(tuple, crops.values()))) == 1,
+    }
+
+
 CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "default-cache": case_default_cache,
     "explicit-optout": case_explicit_optout,
@@ -368,6 +456,8 @@ CASES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "continuation-returned": case_continuation_returned,
     "refused": case_refused,
     "no-cache-requested-unsupported": case_no_cache_requested_unsupported,
+    "fixes": case_fixes,
+    "dynamic-window": case_dynamic_window,
 }
 
 # what each case runs unless told otherwise: the stock-on-XLA steps stay few
@@ -379,6 +469,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "continuation-returned": {"new_tokens": 6},
     "refused": {"new_tokens": 4, "model": "gpt-neo"},
     "no-cache-requested-unsupported": {"new_tokens": 4, "model": "gpt-neo"},
+    "fixes": {"new_tokens": 4},
+    "dynamic-window": {"new_tokens": 3, "batch": 2},
 }
 
 

@@ -24,6 +24,7 @@ import transformers
 import xla_cache_patch
 from tests.xla_scripts.chars import CHARS, tokenizer
 from tests.xla_scripts.common import PAD, case_parser, compiles, on_xla, prompts, run_case, sequences
+from tests.xla_scripts.common import took as took_of
 from tests.xla_scripts.gen_cases import RECORDS, build
 from xla_cache_patch import compat
 
@@ -272,6 +273,18 @@ def case_streamers(args: argparse.Namespace) -> dict[str, Any]:
     got = sequences(fast(None))
     got_print, got_iter, got_puts = printed(fast), iterated(fast), recorded(fast)
     took = RECORDS.took()
+    # the TextIteratorStreamer demo as users write it: generate in a worker thread, the text read here;
+    # recorded() sees the worker's call (a thread started inside the block)
+    streamer = transformers.TextIteratorStreamer(tok, skip_prompt=True, timeout=600)
+    with xla_cache_patch.fastgen.recorded() as seen:
+        worker = threading.Thread(
+            target=model.generate,
+            args=(ids.to(device),),
+            kwargs=dict(eos_token_id=eos, streamer=streamer, **{**kw, "attention_mask": mask.to(device)}),
+        )
+        worker.start()
+        worker_pieces = list(streamer)
+        worker.join()
     ids2, _ = prompts(2)
     batch_reason = xla_cache_patch.fastgen.decide(
         model, (ids2.to(device),), dict(streamer=RawStreamer(), max_new_tokens=4)
@@ -290,6 +303,7 @@ def case_streamers(args: argparse.Namespace) -> dict[str, Any]:
         "ref_printed": ref_print,
         "compiles": counts,
         "batch_2": "fast" if batch_reason.fast else batch_reason.message,
+        "worker": {"seen": took_of(seen), "iter_match": worker_pieces == ref_iter},
     }
 
 

@@ -105,6 +105,9 @@ class Adapter:
     # encoder-decoder models fall back (the reason is ``encdec_reason``).
     make_encdec_cache: Callable[..., Any] | None = None
     encdec_reason: str = "its encoder-decoder static cache is not covered by the fast path yet"
+    # Why this era's own StaticCache is broken for a model (config -> reason; stock generate raises on
+    # CPU too), or None: the plan refuses such a model before anything runs.
+    broken_static: Callable[[Any], str | None] = lambda config: None
     notes: str = ""
 
     def targets_for(self, mode: str) -> tuple[Target, ...]:

@@ -192,3 +192,57 @@ def layer_sliding_update(
     if pos is None:
         pos = torch.arange(n, device=self.keys.device)
     return layer_write(call, self, key, value, positions(pos, self.keys.device))
+
+
+# --- DynamicSlidingWindowLayer (4.56+): transformers' own loop on XLA ----------------------------
+
+
+def window_slice(t: Tensor, start: int, stop: int | None = None) -> Tensor:
+    """``t[:, :, start:stop, :]`` with Python's clamping of out-of-range bounds, from the static shape:
+    XLA raises "Value out of range" on a negative bound past the start (a window longer than the
+    sequence), where CPU gives the whole (or an empty) range."""
+    lo, hi, _ = slice(start, stop).indices(t.shape[-2])
+    return t[:, :, lo : max(lo, hi), :]
+
+
+@replacement
+def dynamic_window_update(
+    call: Call, self: Any, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+) -> Pair:
+    """The original's cat-then-keep-the-window (4.56+; 5.x's ``record_past`` too), slices clamped on XLA.
+    Elsewhere the original runs: CPU and GPU behave as stock."""
+    if key_states.device.type != "xla":
+        return call.wrapped(key_states, value_states, *args, **kwargs)
+    ensure_layer(self, key_states, value_states, {})
+    n = key_states.shape[-2]
+    self.cumulative_length += n
+    full_k = torch.cat([self.keys, key_states], dim=-2)
+    full_v = torch.cat([self.values, value_states], dim=-2)
+    keep = self.sliding_window - 1
+    if not getattr(self, "record_past", False):
+        self.keys, self.values = window_slice(full_k, -keep), window_slice(full_v, -keep)
+        return full_k, full_v
+    self.keys, self.values = full_k, full_v
+    return window_slice(full_k, -(keep + n)), window_slice(full_v, -(keep + n))
+
+
+@replacement
+def dynamic_window_crop(call: Call, self: Any, tokens_to_remove: int) -> None:
+    """5.x's crop past the window (``record_past``: assisted decoding), slices clamped on XLA."""
+    keys = getattr(self, "keys", None)
+    if (
+        not isinstance(keys, torch.Tensor)
+        or keys.device.type != "xla"
+        or not getattr(self, "record_past", False)
+        or tokens_to_remove > 0
+        or self.get_seq_length() < self.sliding_window
+    ):
+        return call.wrapped(tokens_to_remove)
+    keep, drop = self.sliding_window - 1, abs(tokens_to_remove)
+    if drop == 0:
+        self.keys, self.values = window_slice(self.keys, -keep), window_slice(self.values, -keep)
+        return None
+    self.keys = window_slice(self.keys, -keep - drop, -drop)
+    self.values = window_slice(self.values, -keep - drop, -drop)
+    self.cumulative_length = self.cumulative_length - drop
+    return None

@@ -54,6 +54,15 @@ ADAPTER = Adapter(
             ("key_states", "value_states"),
             options=(("counter", "cumulative_length_int"), ("device_counter", True)),
         ),
+        # transformers' own loop (a fallback) on XLA: its dynamic sliding layer slices past the start.
+        Target(
+            "DynamicSlidingWindowLayer.update",
+            layers.dynamic_window_update,
+            ("key_states", "value_states"),
+            True,
+        ),
+        # (no parameter names checked: its argument was max_length before; record_past's crop only)
+        Target("DynamicSlidingWindowLayer.crop", layers.dynamic_window_crop, (), True),
     ),
     make_static_cache=layers.make_lazy_static_cache,
     make_encdec_cache=layers.make_lazy_encdec_cache,

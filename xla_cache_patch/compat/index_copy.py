@@ -9,6 +9,7 @@ chunked layers of ``HybridChunkedCache`` (4.51) are left to transformers.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat._lists import (
@@ -29,6 +30,24 @@ from xla_cache_patch.compat._lists import (
 )
 from xla_cache_patch.compat._storage import LISTS
 
+
+def broken_static(config: Any) -> str | None:
+    """Models whose static cache this era's transformers gets wrong (measured on 4.46.3, CPU stock)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gpt_neox":
+        return (
+            "GPT-NeoX's attention mask does not match this release's static cache (stock generate with "
+            "cache_implementation='static' raises a size mismatch on CPU too)"
+        )
+    multi_query = getattr(config, "multi_query", False)
+    if model_type == "falcon" and multi_query and not getattr(config, "new_decoder_architecture", False):
+        return (
+            "multi-query Falcon writes 1 key/value head into this release's static cache, sized for "
+            "num_attention_heads (stock generate with cache_implementation='static' raises on CPU too)"
+        )
+    return None
+
+
 ADAPTER = Adapter(
     name="index-copy",
     versions=">=4.43,<4.52",
@@ -48,4 +67,5 @@ ADAPTER = Adapter(
     cache_buffers=cache_buffers,
     storage=LISTS,
     left_alone=(("OffloadedStaticCache", OFFLOADED), ("HybridChunkedCache._sliding_update", CHUNKED)),
+    broken_static=broken_static,
 )

@@ -16,6 +16,7 @@ from xla_cache_patch.compat import Adapter, Target
 from xla_cache_patch.compat import _ops as ops
 from xla_cache_patch.compat._layers import (
     cache_buffers,
+    dynamic_window_update,
     layer_seq_length,
     layer_sliding_update,
     layer_static_update,
@@ -67,6 +68,10 @@ ADAPTER = Adapter(
         Target("SlidingWindowLayer.update", layer_window_roll_update, _LAYER, True),
         # 4.57+: the sliding layer moved to StaticSlidingWindowLayer (4.56's name is an alias).
         Target("StaticSlidingWindowLayer.update", layer_sliding_update, _LAYER, True),
+        # transformers' own loop (a fallback) on XLA: its dynamic sliding layer slices past the start.
+        Target(
+            "DynamicSlidingWindowLayer.update", dynamic_window_update, ("key_states", "value_states"), True
+        ),
     ),
     make_static_cache=make_lazy_static_cache,
     cache_buffers=cache_buffers,

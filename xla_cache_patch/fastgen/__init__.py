@@ -30,6 +30,7 @@ from xla_cache_patch.fastgen.plan import (
     CACHE_KWARGS,
     EOS_CHECK_KWARG,
     REPLAY_KWARG,
+    REPORT_FIX,
     STALE_ATTR,
     Fallback,
     Plan,
@@ -58,7 +59,7 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Decision:
     """Whether a ``generate`` call takes the fast path and, if not, why: for callers, tests and tools.
 
@@ -79,6 +80,12 @@ class Decision:
     def __str__(self) -> str:
         return "fast path" if self.fast else f"falls back: {self.message}"
 
+    def __repr__(self) -> str:
+        """Short: the plan's one line, not its tensors (``print(decision)`` shows ``__str__``)."""
+        if self.fast:
+            return f"Decision(fast=True, plan={self.plan!r})"
+        return f"Decision(fast=False, key={self.key!r}, message={self.message!r}, fix={self.fix!r})"
+
 
 # Decisions of the generate calls made inside ``recorded()`` blocks of this thread / task.
 _RECORDED: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVar(
@@ -86,21 +93,59 @@ _RECORDED: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVa
 )
 
 
+@dataclass(eq=False)
+class _Recording:
+    """An open ``recorded(threads=True)`` block, for the threads started while it is open: a plain
+    ``threading.Thread`` does not inherit the context (so not ``_RECORDED``) of the thread that starts it."""
+
+    decisions: list[Decision]
+    before: tuple[threading.Thread, ...]  # the threads alive when the block opened: never recorded here
+
+    def sees(self, thread: threading.Thread) -> bool:
+        return not any(thread is old for old in self.before)
+
+
+# The open ``recorded(threads=True)`` blocks, newest last. Consulted only by a thread that has no block of
+# its own, and only for blocks opened before that thread started.
+_OPEN: list[_Recording] = []
+_open_lock = threading.Lock()
+
+
 @contextlib.contextmanager
-def recorded(into: list[Decision] | None = None) -> Iterator[list[Decision]]:
-    """Collect the :class:`Decision` of every ``generate`` call this thread makes in the block, in order
-    (a call whose fast path failed part-way records the fallback that answered it), appended to ``into``
-    (a new list by default). A fallback is recorded before transformers' loop runs."""
+def recorded(into: list[Decision] | None = None, threads: bool = True) -> Iterator[list[Decision]]:
+    """Collect the :class:`Decision` of every ``generate`` call the block makes, in order (a call whose
+    fast path failed part-way records the fallback that answered it), appended to ``into`` (a new list by
+    default). A fallback is recorded before transformers' loop runs.
+
+    The calls of this thread (or asyncio task) are recorded, and with ``threads=True`` (the default) also
+    those of the threads started while the block is open that have no ``recorded()`` block of their own
+    (``Thread(target=model.generate, ...)`` with a ``TextIteratorStreamer``): a plain ``threading.Thread``
+    does not inherit the context of the thread that starts it, so it is recognised by having started after
+    the block opened. Threads alive before the block opened are never recorded by it, nor calls made after
+    it closed. A thread some other code starts while the block is open counts too: ``threads=False``
+    records this thread's calls only. With nested blocks, a thread's call goes to the newest one it sees.
+    """
     decisions: list[Decision] = [] if into is None else into
     token = _RECORDED.set(decisions)
+    recording = _Recording(decisions, tuple(threading.enumerate())) if threads else None
+    if recording is not None:
+        with _open_lock:
+            _OPEN.append(recording)
     try:
         yield decisions
     finally:
         _RECORDED.reset(token)
+        if recording is not None:
+            with _open_lock:
+                _OPEN.remove(recording)
 
 
 def _record(decision: Decision) -> None:
     decisions = _RECORDED.get()
+    if decisions is None:
+        current = threading.current_thread()
+        with _open_lock:
+            decisions = next((r.decisions for r in reversed(_OPEN) if r.sees(current)), None)
     if decisions is not None:
         decisions.append(decision)
 
@@ -120,7 +165,7 @@ def _plan(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], policy: boo
     except XlaCachePatchError:  # bad input (a cache too short): the caller's to fix, nothing ran
         raise
     except Exception as exc:  # a surprise while planning must not break generate
-        return Fallback(f"could not plan the fast path: {exc!r}", on_xla=_on_xla(model))
+        return Fallback(f"could not plan the fast path: {exc!r}", fix=REPORT_FIX, on_xla=_on_xla(model))
 
 
 def _on_xla(model: Any) -> bool:
@@ -206,7 +251,11 @@ def generate_wrapper(
     if _IN_FALLBACK.get():
         return call_as_caller(wrapped, args, own_free)
     if instance is None:
-        return _fallback(wrapped, args, own_free, Fallback("generate called without a model instance"))
+        why = Fallback(
+            "generate called without a model instance",
+            fix="Call generate on the model: model.generate(...), not type(model).generate(...).",
+        )
+        return _fallback(wrapped, args, own_free, why)
     _check_stale(instance, kwargs)
     result = _plan(instance, args, kwargs, policy)
     if isinstance(result, Fallback):
@@ -233,7 +282,7 @@ def generate_wrapper(
         failed = Fallback(
             f"the fast path failed on {type(instance).__name__} ({type(exc).__name__}: {exc})",
             key=f"failed:{type(instance).__name__}:{type(exc).__name__}",
-            fix="Please report it with this message; transformers' loop gives the answer meanwhile.",
+            fix=REPORT_FIX,
         )
     # Outside the except block: the traceback (and the failed call's device tensors) are gone by now.
     return _fallback(wrapped, args, own_free, failed, instance)

@@ -53,11 +53,14 @@ class BeamState:
     """Device tensors of the search carried from step to step (fixed shapes)."""
 
     running_scores: torch.Tensor  # [B, K] summed log-probs of the running beams
-    running_indices: torch.Tensor  # [B, K, N] flat parent beam per generated step (-1: not yet)
+    # [B, K, W] flat parent beam per generated step (-1: not yet). W, the output buffer's width, bounds the
+    # steps of any max_new_tokens of the cache bucket: a max_new_tokens-shaped buffer would be a new graph
+    # for every new max_new_tokens (the user trial's 2 graphs per call).
+    running_indices: torch.Tensor
     seqs: torch.Tensor  # [B, K, W] finished hypotheses by slot
     scores: torch.Tensor  # [B, K] their length-penalized scores (-1e9: empty)
     finished: torch.Tensor  # [B, K] bool, slot holds a hypothesis
-    indices: torch.Tensor  # [B, K, N] their beam indices
+    indices: torch.Tensor  # [B, K, W] their beam indices
     improvable: torch.Tensor  # [B, 1] bool, transformers' is_early_stop_heuristic_unsatisfied
     ran: torch.Tensor  # [] steps transformers would have run
     running: torch.Tensor  # [] bool, transformers' loop has not stopped yet
@@ -80,17 +83,19 @@ def constants(beams: Beams, first_slot: int, max_new: int, device: torch.device)
     return BeamConstants(floats, torch.tensor([first_slot, max_new], dtype=torch.int64).to(device))
 
 
-def initial_state(beams: Beams, batch: int, width: int, max_new: int, device: torch.device) -> BeamState:
+def initial_state(beams: Beams, batch: int, width: int, device: torch.device) -> BeamState:
+    """The search before its first step; every shape is the bucket's (``width``), none ``max_new_tokens``'s
+    (that one is device data: ``BeamConstants.ints``)."""
     k = beams.num_beams
     running_scores = torch.zeros((batch, k), dtype=torch.float32)
     running_scores[:, 1:] = _NEG  # only the first beam's tokens count at the first step
     return BeamState(
         running_scores=running_scores.to(device),
-        running_indices=torch.full((batch, k, max_new), -1, dtype=torch.int64).to(device),
+        running_indices=torch.full((batch, k, width), -1, dtype=torch.int64).to(device),
         seqs=torch.zeros((batch, k, width), dtype=torch.int64).to(device),
         scores=torch.full((batch, k), _NEG, dtype=torch.float32).to(device),
         finished=torch.zeros((batch, k), dtype=torch.bool).to(device),
-        indices=torch.full((batch, k, max_new), -1, dtype=torch.int64).to(device),
+        indices=torch.full((batch, k, width), -1, dtype=torch.int64).to(device),
         improvable=torch.ones((batch, 1), dtype=torch.bool).to(device),
         ran=torch.zeros((), dtype=torch.int64).to(device),
         running=torch.ones((), dtype=torch.bool).to(device),

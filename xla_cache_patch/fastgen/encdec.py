@@ -1,4 +1,5 @@
-"""Encoder-decoder models (T5, BART, Marian, mBART) on the static loop: what differs from decoder-only.
+"""Encoder-decoder models (T5, mT5, BART, Marian, mBART, Pegasus, BlenderBot) on the static loop: what
+differs from decoder-only (NOT_FAST: the families refused, and why).
 
 The encoder runs once per call, on the user's inputs padded on the right to a bucket (mask 0: the real
 tokens keep the positions transformers gives them, left padding included), one graph per bucket. The
@@ -7,6 +8,7 @@ positions are the cache slots), with an ``EncoderDecoderCache`` of two static ca
 adapter. The self-attention cache is written every step; the cross-attention cache (exactly the encoder
 bucket long) is written at the first decoder step, after which the layers' ``is_updated`` flags make them
 read it back: the first step is its own graph (the prefill), every later one the same (replayed).
+``encoder_outputs=`` without input_ids skips the encoder: the given states are padded to the bucket.
 With beams or ``num_return_sequences`` the encoder runs on the prompts once and its output is repeated
 per row in the same graph (as transformers expands ``encoder_outputs``); a beam reorder moves the
 self-attention cache only, the cross-attention one being the same in every beam of a prompt.
@@ -27,6 +29,22 @@ OWN_GENERATE = {
     "whisper": "Whisper has its own generate (long-form chunking, timestamps, language detection and "
     "forced decoder prompts on the host); the fast path would need those as device-side processors",
 }
+_XLA_CAST = (
+    "its decoder positions add the cache length (a device counter on a static cache) to int32 token "
+    "counts, then cast to int64: torch_xla 2.9 cannot lower that cast (shift-left with s64 and s32)"
+)
+#: Model types the static loop cannot run or gets wrong, with why (measured by tests/xla_scripts/
+#: gen_encdec.py families against CPU generate): refused before anything runs.
+NOT_FAST = {
+    "m2m_100": _XLA_CAST,  # NLLB's class
+    "nllb-moe": _XLA_CAST,
+    "led": "its decoder positions are torch.arange(cache_length, ...): a host read of the cache length "
+    "that bakes each step's position into the step graph (a graph per step, other tokens than CPU's)",
+    "fsmt": "its decoder positions compare the cache length with the position table on the host every "
+    "step, and its tokens on the static loop differ from CPU generate's after some steps",
+    "prophetnet": "its n-gram decoder does not run with a static cache (stock generate raises with "
+    "cache_implementation='static' too)",
+}
 
 
 @dataclass
@@ -38,6 +56,7 @@ class EncoderInputs:
     length: int  # the user's input length (before the bucket padding)
     decoder_start: int
     repeat: int = 1  # decoder rows per prompt (num_beams or num_return_sequences)
+    given: torch.Tensor | None = None  # [B, length, D] the user's encoder_outputs: the encoder does not run
 
     @classmethod
     def pad(
@@ -102,7 +121,11 @@ def encode(model: Any, inputs: EncoderInputs, device: Any) -> Encoded:
     import torch_xla
 
     ids, mask = inputs.ids.to(device), inputs.mask.to(device)
-    hidden = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+    if inputs.given is not None:  # padded to the bucket with zeros, masked out as the bucket's pad ids
+        hidden = inputs.given.to(device)
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
+    else:
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
     if inputs.repeat > 1:
         hidden = hidden.repeat_interleave(inputs.repeat, dim=0)
         mask = mask.repeat_interleave(inputs.repeat, dim=0)

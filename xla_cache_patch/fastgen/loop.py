@@ -277,7 +277,7 @@ def _prefill(
     )
     if plan.beams is not None:
         groups = batch // plan.beams.num_beams
-        state.beams = beam_search.initial_state(plan.beams, groups, width + 1, plan.max_new_tokens, device)
+        state.beams = beam_search.initial_state(plan.beams, groups, width + 1, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
     logits = _forward(
         model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded
@@ -485,8 +485,11 @@ def _beam_outputs(plan: Plan, state: _State, cache: Any, produced: int, collecte
     sequences = torch.cat([prompts, best["tokens"]], dim=1).to(plan.out_device)
     if not plan.return_dict:
         return sequences
-    from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+    from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateBeamEncoderDecoderOutput
 
+    # the encoder_* / decoder_* / cross_attentions fields stay None: output_attentions and
+    # output_hidden_states are refused at planning
+    output_cls = GenerateBeamDecoderOnlyOutput if plan.encoder is None else GenerateBeamEncoderDecoderOutput
     indices = best["indices"]
     if plan.beams.best_of_candidates:  # BeamSearchScorer: one column per sequence slot, int64
         width = sequences.shape[1]
@@ -499,7 +502,7 @@ def _beam_outputs(plan: Plan, state: _State, cache: Any, produced: int, collecte
         values = getattr(collected, name)[:produced]
         return tuple(v.to(plan.out_device) for v in values) if values else None
 
-    names = {f.name for f in fields(GenerateBeamDecoderOnlyOutput)}
+    names = {f.name for f in fields(output_cls)}
     result: dict[str, Any] = {
         "sequences": sequences,
         "sequences_scores": best["scores"].to(plan.out_device) if plan.output_scores else None,
@@ -508,4 +511,4 @@ def _beam_outputs(plan: Plan, state: _State, cache: Any, produced: int, collecte
         "beam_indices": indices.to(plan.out_device) if tracked else None,
     }
     result["cache" if "cache" in names else "past_key_values"] = cache
-    return GenerateBeamDecoderOnlyOutput(**{k: v for k, v in result.items() if k in names})
+    return output_cls(**{k: v for k, v in result.items() if k in names})

@@ -97,11 +97,14 @@ _MODE_ARGS = (
     "custom_generate",
     "assistant_tokenizer",
 )
+# Every option a processor of fastgen.processors serves, so the list follows what the fast path runs.
+_DEVICE_OPTIONS = ", ".join(["do_sample", *processors.handled_options(), "eos_token_id"])
 _PER_STEP_PYTHON_FIX = (
     "runs arbitrary Python on every step, which cannot be compiled into the step graph. Express it with "
-    "generation options the fast path runs on the device (do_sample, temperature, top_k, top_p, "
-    "eos_token_id, min_new_tokens, stop_strings with tokenizer=) or as a stopping_criteria (run on the host "
-    "every xla_eos_check_every steps), or keep it and accept a compiled graph per step. "
+    f"the generation options the fast path runs on the device ({_DEVICE_OPTIONS}, stop_strings with "
+    "tokenizer=; e.g. suppress_tokens or bad_words_ids to ban tokens, sequence_bias to favour or "
+    "penalise them) or as a stopping_criteria (run on the host every "
+    "xla_eos_check_every steps), or keep it and accept a compiled graph per step. "
 )
 _MODE_FIX = {
     "logits_processor": "A logits_processor " + _PER_STEP_PYTHON_FIX,
@@ -111,23 +114,51 @@ _MODE_FIX = {
 # transformers' own (a merge the fast path does not reproduce), so such a list falls back.
 _BUILT_IN_CRITERIA = ("MaxLengthCriteria", "MaxTimeCriteria", "StopStringCriteria", "EosTokenCriteria")
 CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
+RIGHT_PADDING_FIX = (
+    'Pad the batch on the left: tokenizer.padding_side = "left" before tokenizing (or '
+    'AutoTokenizer.from_pretrained(..., padding_side="left")); transformers itself gives wrong tokens for '
+    "a right-padded decoder-only batch."
+)
+INFERENCE_MODE_FIX = (
+    "Use torch.no_grad() instead of torch.inference_mode() around generate: torch_xla cannot run "
+    "generate under inference mode (RuntimeError 'Cannot set version_counter for inference tensor', "
+    "with or without xla_cache_patch)."
+)
+REPORT_FIX = (
+    "Nothing to do but report it (with this message): a surprise inside xla_cache_patch; transformers' loop "
+    "gives the answer meanwhile."
+)
+_UPGRADE_FIX = "Upgrade transformers to a release xla-cache-patch supports (`xla-cache-patch doctor` checks)."
+_TRANSFORMERS_RAISES_FIX = (
+    "Fix the argument the error names: transformers' generate raises the same error for this call."
+)
+# Options whose processor transformers adds with no static-shape counterpart here (most are refused
+# earlier by _check_options; these are for the processors an era adds from an option the fast path serves).
+_PROCESSOR_OPTIONS = {
+    "EncoderRepetitionPenaltyLogitsProcessor": "encoder_repetition_penalty",
+    "EncoderNoRepeatNGramLogitsProcessor": "encoder_no_repeat_ngram_size",
+    "ClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "WatermarkLogitsProcessor": "watermarking_config",
+    "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
+    "HammingDiversityLogitsProcessor": "diversity_penalty",
+}
 # Set on a cache the fast path filled in a layout transformers cannot continue from (sliding layers).
 STALE_ATTR = "_xla_cache_patch_stale"
 # Set on a cache the fast path built and returned: a later call that outgrows it grows it (a conversation).
 GROWS_ATTR = "_xla_cache_patch_grows"
-_DOCS_FIX = "What takes the fast path: the xla-cache-patch README, and docs/generate.md in its repository."
+_NOT_OURS = "Nothing to do: transformers' generate runs this model (one graph per step)"
 
 
 class Fallback(Exception):
     """Raised while planning: this call must go to transformers' own ``generate``; the message says why.
 
-    ``key`` names the reason (one warning per key per process), ``fix`` what the user can do, and
+    ``key`` names the reason (one warning per key per process), ``fix`` the concrete change that takes the
+    fast path (or "Nothing to do: ..." when there is none; never a pointer to the docs alone), and
     ``on_xla`` whether the model is on an XLA device (elsewhere falling back is the normal path).
     """
 
-    def __init__(
-        self, reason: str, key: str | None = None, fix: str = _DOCS_FIX, on_xla: bool = True
-    ) -> None:
+    def __init__(self, reason: str, key: str | None = None, *, fix: str, on_xla: bool = True) -> None:
         super().__init__(reason)
         self.key = key or reason
         self.fix = fix
@@ -144,7 +175,7 @@ class ForwardSpec:
     encoder_decoder: bool = False  # takes encoder_outputs / decoder_input_ids (fastgen.encdec)
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
     """Everything the static loop needs, computed on the host before any device work."""
 
@@ -188,6 +219,33 @@ class Plan:
     def host_stops(self) -> bool:
         """Does the loop need the tokens on the host at its check points?"""
         return bool(self.host_criteria) or self.max_time is not None or self.streamer is not None
+
+    def __repr__(self) -> str:
+        """The call's shape and mode in one line (the tensors, the cache and the model's spec left out)."""
+        batch, length = self.input_ids.shape
+        if self.beams is not None:
+            mode = f"beams={self.beams.num_beams}" + (" sampled" if self.beams.sample else "")
+        else:
+            mode = "sampling" if self.do_sample else "greedy"
+        parts = [
+            f"batch={batch}",
+            f"prompt={length}",
+            f"prompt_bucket={self.prompt_bucket}",
+            f"cache_len={self.cache_len}",
+            f"max_new_tokens={self.max_new_tokens}",
+            mode,
+            f"eos={list(self.eos_token_ids)}",
+            f"processors={list(self.logits.names)}",
+        ]
+        if self.cache_start:
+            parts.append(f"held={self.cache_start}")
+        if self.cache is not None:
+            parts.append("user cache")
+        if self.encoder is not None:
+            parts.append("encoder-decoder")
+        if self.host_stops:
+            parts.append("host stops")
+        return f"Plan({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -237,43 +295,75 @@ def _spmd() -> bool:
     return bool(xr.is_spmd())
 
 
-def _require(condition: bool, reason: str, key: str | None = None, fix: str = _DOCS_FIX) -> None:
+def _require(condition: bool, reason: str, key: str | None, fix: str) -> None:
+    """Fallback(reason, key, fix) unless ``condition``; ``fix`` names the change (see Fallback)."""
     if not condition:
-        raise Fallback(reason, key, fix)
+        raise Fallback(reason, key, fix=fix)
 
 
 def _check_model(model: Any) -> ForwardSpec:
     param = next(iter(model.parameters()), None)
     if param is None or param.device.type != "xla":
         where = None if param is None else param.device
-        raise Fallback(f"model parameters are not on an XLA device ({where})", on_xla=False)
+        raise Fallback(
+            f"model parameters are not on an XLA device ({where})",
+            fix="Move the model to the XLA device: model.to(torch_xla.device()).",
+            on_xla=False,
+        )
     config = getattr(model, "config", None)
-    _require(config is not None, "the model has no config")
+    _require(config is not None, "the model has no config", None, f"{_NOT_OURS}: it has no config.")
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if encoder_decoder:
         _check_encoder_decoder(model)
     else:
         get_text_config = getattr(config, "get_text_config", None)
         _require(
-            get_text_config is None or get_text_config() is config, "multimodal models are not supported"
+            get_text_config is None or get_text_config() is config,
+            "multimodal models are not supported",
+            None,
+            f"{_NOT_OURS}: the fast path covers text-only models.",
         )
     _require(
-        getattr(model, "main_input_name", "input_ids") == "input_ids", "the model does not take input_ids"
+        getattr(model, "main_input_name", "input_ids") == "input_ids",
+        "the model does not take input_ids",
+        None,
+        f"{_NOT_OURS}: the fast path covers models that take input_ids.",
     )
-    _require("generate" not in vars(model), "the instance has its own generate (custom_generate)")
+    _require(
+        "generate" not in vars(model),
+        "the instance has its own generate (custom_generate)",
+        None,
+        "Nothing to do: the instance's own generate runs as written (`del model.generate` would restore "
+        "the class's generate, which takes the fast path).",
+    )
     device_map = getattr(model, "hf_device_map", None)
-    _require(not device_map or len(set(device_map.values())) <= 1, "the model is split across devices")
+    _require(
+        not device_map or len(set(device_map.values())) <= 1,
+        "the model is split across devices",
+        None,
+        "Load the model without device_map (or on one device) and move it whole to the XLA device.",
+    )
     supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
-    _require(supports_cache is None or supports_cache(), "the model does not use transformers' Cache classes")
+    _require(
+        supports_cache is None or supports_cache(),
+        "the model does not use transformers' Cache classes",
+        None,
+        f"{_NOT_OURS}: it keeps its own cache format.",
+    )
     spec = forward_spec(type(model), encoder_decoder)
-    _require(spec is not None, "the forward does not take input_ids/attention_mask/position_ids and a cache")
+    _require(
+        spec is not None,
+        "the forward does not take input_ids/attention_mask/position_ids and a cache",
+        None,
+        f"{_NOT_OURS}: its forward takes other arguments.",
+    )
     from transformers import GenerationMixin
 
     _require(
         type(model).generate is GenerationMixin.generate,
         f"{type(model).__name__} overrides generate",
         f"own-generate:{type(model).__name__}",
-        "Nothing to do: transformers' generate runs it (one graph per step).",
+        f"{_NOT_OURS}: its class has a generate of its own.",
     )
     _check_state(model, compat.current().model_cache_kinds(config))
     return spec  # type: ignore[return-value]
@@ -297,6 +387,13 @@ def _check_encoder_decoder(model: Any) -> None:
         f"own-generate:{model_type}",
         "Nothing to do: transformers' generate runs it (one graph per step).",
     )
+    unsupported = encdec.NOT_FAST.get(model_type)
+    _require(
+        unsupported is None,
+        f"{type(model).__name__}: {unsupported}",
+        f"encoder-decoder-family:{model_type}",
+        "Nothing to do: transformers' generate runs it (one graph per step).",
+    )
     adapter = compat.current()
     _require(
         adapter.make_encdec_cache is not None,
@@ -308,11 +405,21 @@ def _check_encoder_decoder(model: Any) -> None:
 
 def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """generate(inputs=None, generation_config=None, ...): later positional arguments are refused."""
-    _require(len(args) <= 2, "positional arguments after generation_config")
+    _require(
+        len(args) <= 2,
+        "positional arguments after generation_config",
+        None,
+        "Pass generate's other arguments by keyword: generate(input_ids, attention_mask=..., ...).",
+    )
     inputs = args[0] if args else kwargs.pop("inputs", None)
     gen_config = args[1] if len(args) > 1 else kwargs.pop("generation_config", None)
     input_ids = kwargs.pop("input_ids", None)
-    _require(inputs is None or input_ids is None, "both inputs and input_ids given")
+    _require(
+        inputs is None or input_ids is None,
+        "both inputs and input_ids given",
+        None,
+        "Pass the prompt once: generate(input_ids) or generate(input_ids=input_ids).",
+    )
     return (inputs if inputs is not None else input_ids), gen_config
 
 
@@ -334,7 +441,7 @@ def _check_mode_args(kwargs: dict[str, Any]) -> _Hooks:
             value is None or value is False,
             f"{name} is not supported",
             name,
-            f"{_MODE_FIX.get(name, '')}Leave {name} out to take the fast path. {_DOCS_FIX}",
+            f"{_MODE_FIX.get(name, '')}Leave {name} out to take the fast path.",
         )
     kwargs.pop("trust_remote_code", None)
     criteria = list(kwargs.pop("stopping_criteria", None) or ())
@@ -353,7 +460,7 @@ def _prepare_config(
 ) -> tuple[Any, dict[str, Any], bool, bool]:
     """Merge config and kwargs with the model's own helper; returns (config, model_kwargs, has_default_*)."""
     prepare = getattr(model, "_prepare_generation_config", None)
-    _require(prepare is not None, "transformers has no _prepare_generation_config")
+    _require(prepare is not None, "transformers has no _prepare_generation_config", None, _UPGRADE_FIX)
     model_config = model.generation_config
     if hasattr(model_config, "_get_default_generation_params"):  # 5.x: defaults are filled in by prepare
         has_default_max = (
@@ -381,13 +488,20 @@ def _check_options(config: Any, skip: tuple[str, ...] = ()) -> None:
             continue
         if value is None or value is False or value == {}:
             continue
+        neutral = _NEUTRAL.get(name, (None,))[0]
         _require(
             value in _NEUTRAL.get(name, ()),
             f"generation option {name}={value!r} is not supported by the fast path",
             name,
-            f"Leave {name} at its default to take the fast path. {_DOCS_FIX}",
+            f"Leave {name} at its default to take the fast path: pass {name}={neutral!r} to generate (or "
+            f"drop it from the model's generation_config).",
         )
-    _require(config.use_cache is not False, "use_cache=False")
+    _require(
+        config.use_cache is not False,
+        "use_cache=False",
+        "use_cache",
+        "Pass use_cache=True (or leave it unset): the fast path decodes on a static cache.",
+    )
 
 
 def vocab_size(model: Any) -> int:
@@ -404,7 +518,12 @@ def _pipeline(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor) ->
 
     prepare_special = getattr(model, "_prepare_special_tokens", None)
     get_processors = getattr(model, "_get_logits_processor", None)
-    _require(prepare_special is not None and get_processors is not None, "transformers has no processor API")
+    _require(
+        prepare_special is not None and get_processors is not None,
+        "transformers has no processor API",
+        None,
+        _UPGRADE_FIX,
+    )
     try:
         prepare_special(config, None, device="cpu")  # None: no warnings, generate itself gives those
         built = get_processors(
@@ -423,13 +542,17 @@ def _pipeline(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor) ->
         return processors.build(built, processors.Context(vocab_size(model), ids.shape[0]))
     except processors.Unsupported as missing:
         name = str(missing)
+        option = _PROCESSOR_OPTIONS.get(name)
+        what = f"{option}" if option else f"the generation option that adds {name}"
         raise Fallback(
             f"transformers' {name} has no static-shape counterpart in the fast path",
             name,
-            f"Leave the generation option that adds {name} at its default to take the fast path. {_DOCS_FIX}",
+            fix=f"Leave {what} at its default (unset) to take the fast path.",
         ) from None
     except Exception as exc:  # transformers will raise it again, with its own message
-        raise Fallback(f"transformers rejected the generation options: {exc!r}") from exc
+        raise Fallback(
+            f"transformers rejected the generation options: {exc!r}", fix=_TRANSFORMERS_RAISES_FIX
+        ) from exc
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:
@@ -442,17 +565,30 @@ def _special_tokens(config: Any) -> tuple[tuple[int, ...], int | None]:
     """eos ids and the pad id, with transformers' rule: no pad token means pad with eos[0]."""
     eos = _token_ids(config.eos_token_id)
     pad = _token_ids(config.pad_token_id)
-    _require(len(pad) <= 1, "several pad_token_id")
+    _require(len(pad) <= 1, "several pad_token_id", None, "Pass one pad_token_id (an int).")
     pad_id = pad[0] if pad else (eos[0] if eos else None)
     return eos, pad_id
 
 
 def _input_ids(inputs: Any) -> torch.Tensor:
-    _require(isinstance(inputs, torch.Tensor), "no input_ids (transformers would start from bos)")
     _require(
-        inputs.ndim == 2 and not inputs.dtype.is_floating_point, "input_ids must be a 2-D integer tensor"
+        isinstance(inputs, torch.Tensor),
+        "no input_ids (transformers would start from bos)",
+        None,
+        "Pass the prompt as input_ids (a [batch, length] tensor of token ids; bos alone is a prompt too).",
     )
-    _require(inputs.shape[0] > 0 and inputs.shape[1] > 0, "empty input_ids")
+    _require(
+        inputs.ndim == 2 and not inputs.dtype.is_floating_point,
+        "input_ids must be a 2-D integer tensor",
+        None,
+        "Pass input_ids as a [batch, length] integer tensor (the tokenizer's return_tensors='pt').",
+    )
+    _require(
+        inputs.shape[0] > 0 and inputs.shape[1] > 0,
+        "empty input_ids",
+        None,
+        "Pass at least one prompt token per row (the bos token at least).",
+    )
     return inputs
 
 
@@ -476,12 +612,21 @@ def _attention_mask(
     _require(
         isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(ids.shape),
         "attention_mask must be 2-D with the shape of input_ids",
+        "attention_mask-shape",
+        "Pass the [batch, length] attention_mask the tokenizer returned with these input_ids.",
     )
     mask = mask.to("cpu", torch.int64)
-    _require(bool(((mask == 0) | (mask == 1)).all()), "attention_mask must hold 0/1")
+    _require(
+        bool(((mask == 0) | (mask == 1)).all()),
+        "attention_mask must hold 0/1",
+        "attention_mask-values",
+        "Pass a 0/1 attention_mask (the tokenizer's): 1 for tokens, 0 for padding.",
+    )
     _require(
         right_padding or bool(mask[:, -1].all()),
         "right-padded prompt (pad on the left for decoder-only generation)",
+        "right-padding",
+        RIGHT_PADDING_FIX,
     )
     return mask
 
@@ -491,7 +636,7 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
     given = [model_kwargs.pop(name) for name in CACHE_KWARGS if model_kwargs.get(name) is not None]
     for name in CACHE_KWARGS:
         model_kwargs.pop(name, None)
-    _require(len(given) <= 1, "several cache arguments")
+    _require(len(given) <= 1, "several cache arguments", None, "Pass one cache, as past_key_values=.")
     wanted = config.cache_implementation
     if given:
         from transformers import StaticCache
@@ -502,7 +647,12 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
             "cache-type",
             "Pass a transformers.StaticCache, or no cache.",
         )
-        _require(wanted is None, "both a cache object and cache_implementation")
+        _require(
+            wanted is None,
+            "both a cache object and cache_implementation",
+            None,
+            "Pass either the StaticCache or cache_implementation='static', not both.",
+        )
     elif wanted is None:
         _require(
             policy is True,
@@ -544,13 +694,36 @@ def _user_cache(model: Any, model_kwargs: dict[str, Any], config: Any, policy: b
     return given[0] if given else None
 
 
+def _check_era_static_cache(model: Any) -> None:
+    """A model whose static cache the installed transformers itself breaks (the era adapter knows which)."""
+    adapter = compat.current()
+    broken = adapter.broken_static(model.config)
+    model_type = getattr(model.config, "model_type", None)
+    _require(
+        broken is None,
+        f"{type(model).__name__} on transformers era {adapter.name}: {broken}",
+        f"era-static-broken:{model_type}",
+        "Upgrade transformers; meanwhile transformers' generate runs it (one graph per step).",
+    )
+
+
 def _check_user_cache(model: Any, cache: Any, batch: int) -> None:
     adapter = compat.current()
     _check_state(model, adapter.cache_kinds(cache))
     tensors = adapter.cache_buffers(cache)
-    _require(all(t.device.type == "xla" for t in tensors), "the cache is not on the XLA device")
+    _require(
+        all(t.device.type == "xla" for t in tensors),
+        "the cache is not on the XLA device",
+        "cache-device",
+        "Build the StaticCache on the model's XLA device (device=torch_xla.device()), or pass no cache.",
+    )
     size = adapter.cache_batch_size(cache)
-    _require(size is None or size == batch, f"cache batch size {size} != {batch}")
+    _require(
+        size is None or size == batch,
+        f"cache batch size {size} != {batch}",
+        "cache-batch",
+        f"Build the StaticCache for {batch} rows (prompts x num_return_sequences), or pass no cache.",
+    )
 
 
 def read_cache_length(cache: Any) -> int:
@@ -657,7 +830,12 @@ def _stop_strings(config: Any, tokenizer: Any, eos: tuple[int, ...]) -> Any | No
     """transformers' own StopStringCriteria for ``stop_strings``: the loop calls it inside the step graph."""
     if getattr(config, "stop_strings", None) is None:
         return None
-    _require(tokenizer is not None, "stop_strings without tokenizer= (transformers raises its own error)")
+    _require(
+        tokenizer is not None,
+        "stop_strings without tokenizer= (transformers raises its own error)",
+        None,
+        "Pass tokenizer=your_tokenizer with stop_strings.",
+    )
     _require(
         bool(eos),
         "stop_strings without an eos_token_id: transformers then keeps generating real tokens in a row its "
@@ -672,19 +850,21 @@ def _stop_strings(config: Any, tokenizer: Any, eos: tuple[int, ...]) -> Any | No
     try:
         criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings)
     except Exception as exc:  # transformers will raise it again, with its own message
-        raise Fallback(f"transformers rejected stop_strings: {exc!r}") from exc
+        raise Fallback(f"transformers rejected stop_strings: {exc!r}", fix=_TRANSFORMERS_RAISES_FIX) from exc
     _require(
         window_filler(criteria) is not None,
         "every token of this vocabulary can end or continue one of the stop strings (no token fills the "
         "start of the stop-string window)",
         "stop_strings-no-filler",
+        "Nothing to do for these stop strings with this vocabulary (transformers' loop runs them); "
+        "longer stop strings, or eos_token_id alone, take the fast path.",
     )
     return criteria
 
 
 _BEAM_FIX = (
-    "Beam search takes the fast path without streamers, stopping_criteria, "
-    f"max_time, stop_strings or a cache object. {_DOCS_FIX}"
+    "Beam search takes the fast path without streamers, stopping_criteria, max_time, stop_strings or a "
+    "cache object."
 )
 
 
@@ -694,18 +874,55 @@ def _beams(model: Any, config: Any, hooks: _Hooks, eos: tuple[int, ...], pad: in
     if num_beams == 1:
         return None
 
-    def refuse(condition: bool, what: str, key: str) -> None:
-        _require(not condition, f"beam search (num_beams={num_beams}) with {what}", key, _BEAM_FIX)
+    def refuse(condition: bool, what: str, key: str, fix: str) -> None:
+        _require(not condition, f"beam search (num_beams={num_beams}) with {what}", key, f"{fix} {_BEAM_FIX}")
 
-    refuse(hooks.streamer is not None, "a streamer (transformers raises)", "beams-streamer")
-    refuse(bool(hooks.criteria), "stopping_criteria", "beams-stopping-criteria")
-    refuse(getattr(config, "max_time", None) is not None, "max_time", "beams-max-time")
-    refuse(getattr(config, "stop_strings", None) is not None, "stop_strings", "beams-stop-strings")
-    refuse(bool(getattr(config, "low_memory", False)), "low_memory=True", "beams-low-memory")
+    either = "or num_beams=1 to keep it"
+    refuse(
+        hooks.streamer is not None,
+        "a streamer (transformers raises)",
+        "beams-streamer",
+        f"Drop streamer= (transformers' beam search rejects it too), {either}.",
+    )
+    refuse(
+        bool(hooks.criteria),
+        "stopping_criteria",
+        "beams-stopping-criteria",
+        "Drop stopping_criteria (max_new_tokens and eos_token_id end a beam search on the device), "
+        f"{either}.",
+    )
+    refuse(
+        getattr(config, "max_time", None) is not None,
+        "max_time",
+        "beams-max-time",
+        f"Drop max_time (bound the search with max_new_tokens), {either}.",
+    )
+    refuse(
+        getattr(config, "stop_strings", None) is not None,
+        "stop_strings",
+        "beams-stop-strings",
+        f"Drop stop_strings (end hypotheses with eos_token_id), {either}.",
+    )
+    refuse(
+        bool(getattr(config, "low_memory", False)),
+        "low_memory=True",
+        "beams-low-memory",
+        "Pass low_memory=False: the fast path runs the beams as one batch.",
+    )
     count = int(config.num_return_sequences or 1)
-    refuse(count > num_beams, f"num_return_sequences={count} > num_beams", "beams-return-sequences")
+    refuse(
+        count > num_beams,
+        f"num_return_sequences={count} > num_beams",
+        "beams-return-sequences",
+        f"Pass num_return_sequences <= num_beams={num_beams} (transformers raises otherwise).",
+    )
     early = config.early_stopping
-    refuse(early not in (True, False, "never"), f"early_stopping={early!r}", "beams-early-stopping")
+    refuse(
+        early not in (True, False, "never"),
+        f"early_stopping={early!r}",
+        "beams-early-stopping",
+        "Pass early_stopping=True, False or 'never'.",
+    )
     from transformers import GenerationMixin
 
     vectorized = hasattr(GenerationMixin, "_get_top_k_continuations")  # the >= 4.50 rewrite
@@ -745,7 +962,12 @@ def _lengths(
         inputs_tensor=ids if inputs_tensor is None else inputs_tensor,
     )
     max_new = int(config.max_length) - length
-    _require(max_new >= 1, f"max_length {config.max_length} leaves no room after {length} prompt tokens")
+    _require(
+        max_new >= 1,
+        f"max_length {config.max_length} leaves no room after {length} prompt tokens",
+        "max_length-short",
+        "Pass max_new_tokens (new tokens, whatever the prompt's length) instead of max_length.",
+    )
     return max_new, config
 
 
@@ -754,11 +976,23 @@ def plan_request(
 ) -> Plan:
     """Build the Plan, or raise Fallback with the reason this call must use transformers' generate."""
     spec = _check_model(model)
+    _require(
+        not torch.is_inference_mode_enabled(),
+        "generate under torch.inference_mode() on XLA",
+        "inference-mode",
+        INFERENCE_MODE_FIX,
+    )
     kwargs = dict(kwargs)
     inputs, gen_config = _split_args(args, kwargs)
     hooks = _check_mode_args(kwargs)
-    _require(kwargs.get("inputs_embeds") is None, "inputs_embeds")
-    ids = _input_ids(inputs)
+    _require(
+        kwargs.get("inputs_embeds") is None,
+        "inputs_embeds",
+        "inputs_embeds",
+        "Pass input_ids instead of inputs_embeds.",
+    )
+    given = _given_encoder_outputs(spec, inputs, kwargs)
+    ids = _input_ids(inputs if given is None else torch.full(given.shape[:2], -100))
     _require(
         hooks.streamer is None or ids.shape[0] == 1,
         f"a streamer with a batch of {ids.shape[0]} (transformers' streamers take batch 1)",
@@ -770,7 +1004,9 @@ def plan_request(
     except Fallback:
         raise
     except Exception as exc:  # transformers will raise it again, with its own message
-        raise Fallback(f"transformers rejected the generation config: {exc!r}") from exc
+        raise Fallback(
+            f"transformers rejected the generation config: {exc!r}", fix=_TRANSFORMERS_RAISES_FIX
+        ) from exc
     _check_options(config, skip=("num_beams",) if int(config.num_beams or 1) > 1 else ())
     eos, pad = _special_tokens(config)
     beams = _beams(model, config, hooks, eos, pad)
@@ -779,23 +1015,36 @@ def plan_request(
     encoder = None
     if spec.encoder_decoder:  # the encoder runs on the prompts; the decoder's rows are expanded
         encoder = _encoder_inputs(model, config, cpu_ids, mask, pad)
+        encoder.given = given
         cpu_ids = encoder.decoder_ids()
         mask = torch.ones_like(cpu_ids)
     else:
         cpu_ids, mask = _expand(config, cpu_ids, mask)
     cache = _user_cache(model, model_kwargs, config, policy)
+    _check_era_static_cache(model)
     _require(
         encoder is None or cache is None,
         "a cache object with an encoder-decoder model",
         "encoder-decoder-cache",
         "Pass cache_implementation='static' (the fast path builds the EncoderDecoderCache), no cache object.",
     )
-    _require(beams is None or cache is None, "beam search with a cache object", "beams-cache", _BEAM_FIX)
+    _require(
+        beams is None or cache is None,
+        "beam search with a cache object",
+        "beams-cache",
+        f"Pass no cache object with num_beams > 1 (cache_implementation='static' builds one). {_BEAM_FIX}",
+    )
     model_kwargs.pop("use_cache", None)
     leftover = sorted(
         name for name, value in model_kwargs.items() if value is not None and value is not False
     )
-    _require(not leftover, f"model kwargs not supported: {leftover}")
+    _require(
+        not leftover,
+        f"model kwargs not supported: {leftover}",
+        "model-kwargs",
+        f"Leave out {', '.join(leftover)}: the fast path feeds the model input_ids, the attention mask and "
+        "its cache only.",
+    )
     max_new, config = _lengths(
         model, config, tuple(has_default), cpu_ids, None if encoder is None else encoder.ids
     )
@@ -813,7 +1062,7 @@ def plan_request(
     return Plan(
         input_ids=cpu_ids,
         attention_mask=mask,
-        out_device=ids.device,
+        out_device=ids.device if given is None else given.device,
         max_new_tokens=max_new,
         eos_token_ids=eos,
         pad_token_id=0 if pad is None else pad,
@@ -840,10 +1089,36 @@ def plan_request(
     )
 
 
+def _given_encoder_outputs(spec: ForwardSpec, inputs: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """``encoder_outputs=`` without input_ids (the encoder already ran): its last hidden state, taken as
+    stock takes it (the attention_mask given, else every position); input_ids then stand in as -100s,
+    as transformers makes them."""
+    outputs = kwargs.get("encoder_outputs")
+    if inputs is not None or outputs is None or not spec.encoder_decoder:
+        return None
+    kwargs.pop("encoder_outputs")
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None and isinstance(outputs, (tuple, list)) and outputs:
+        hidden = outputs[0]
+    _require(
+        isinstance(hidden, torch.Tensor) and hidden.ndim == 3 and hidden.is_floating_point(),
+        "encoder_outputs without a [batch, length, hidden] last_hidden_state",
+        "encoder_outputs-shape",
+        "Pass the encoder's own output (a BaseModelOutput whose last_hidden_state is [batch, length, "
+        "hidden]), or input_ids.",
+    )
+    return hidden
+
+
 def _encoder_inputs(model: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int | None) -> Any:
     from xla_cache_patch.fastgen import encdec
 
-    _require(pad is not None, "an encoder-decoder model without pad_token_id or eos_token_id")
+    _require(
+        pad is not None,
+        "an encoder-decoder model without pad_token_id or eos_token_id",
+        None,
+        "Pass pad_token_id= to generate (or set it on the generation config).",
+    )
     start = encdec.decoder_start(model, config)
     _require(
         start is not None,

@@ -63,7 +63,9 @@ def warmup(
             )
             decision = fastgen.decide(model, (ids.to(device),), kwargs)
             if not decision.fast:
-                raise ValueError(f"warmup: these calls would not take the fast path: {decision.message}")
+                raise ValueError(
+                    f"warmup: these calls would not take the fast path: {decision.message}. {decision.fix}"
+                )
             fastgen.generate(model, ids.to(device), **kwargs, **{STOP_AFTER_KWARG: WARMUP_STEPS})
     torch_xla.sync()
     return metrics.compiles() - before

@@ -29,13 +29,23 @@ from xla_cache_patch.tools.bench_worker import (
     DEFAULT_VARIANTS,
     DTYPES,
     ENCDEC_VARIANTS,
+    PATCH_MODE,
     VARIANTS,
     csv_ints,
 )
 from xla_cache_patch.tools.tiny import DEFAULT_PROMPT_LEN, PRESETS, SEQ2SEQ_PRESETS
 
-DEFAULT_NEW_TOKENS = (8, 32, 128)
+# The default run is the README's call (a left-padded batch of 2, 16 new tokens) in 8 variants: 453 s
+# on 2 cores at a load average of 22 (docs/bench.md).
+DEFAULT_NEW_TOKENS = (16,)
+DEFAULT_BATCH = (2,)
 STOCK_GENERATE_CAP = 16  # stock generate compiles a graph per step; 32 steps come near the ~40 limit
+#: Stock variants the default run leaves out, and why (the output says so).
+SKIPPED_BY_DEFAULT = {
+    "generate-stock-chat-config": "stock sampling compiles new graphs every step: 23 graphs and 4 minutes "
+    "into a 16-token call on a loaded 2-core machine, and XLA:CPU dies at ~40-50 graphs",
+    "generate-stock-noeos": "the narrower call of earlier tables (batch 1, no eos, a static cache)",
+}
 DEFAULT_TIMEOUT_S = 900.0
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -67,34 +77,60 @@ def plan_jobs(
     ]
 
 
-class Progress:
-    """A one-line progress bar on stderr; plain lines when stderr is not a terminal."""
+#: What a worker is doing, by heartbeat phase (see bench_worker.Heartbeat), for the progress lines.
+PHASE_TEXT = {
+    "start": "starting",
+    "load": "loading the model",
+    "cpu-reference": "CPU eager reference (tokens, times)",
+    "warmup": "xla_cache_patch.warmup(): compiling",
+    "cold": "cold call: compiling",
+    "steady": "warm call",
+}
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 20) -> None:
-        self.total, self.done, self.width = total, 0, width
+
+def describe(beat: dict[str, Any]) -> tuple[str, str]:
+    """(what the worker is doing, that with its graphs so far) from its heartbeat."""
+    phase = str(beat.get("phase") or "start")
+    doing = str(beat.get("doing") or PHASE_TEXT.get(phase, phase))
+    if phase in ("cold", "warmup") and not beat.get("doing"):
+        graphs = int(beat.get("compiles", 0)) - int(beat.get("compiles_at_phase", 0))
+        return doing, f"{doing} ({graphs} graph{'' if graphs == 1 else 's'} so far)"
+    return doing, doing
+
+
+class Progress:
+    """What the bench is doing, on stderr: "[3/8] generate-patched batch 8 x32: cold call: compiling
+    (1 graph so far), 40 s". Redrawn in place on a terminal; elsewhere (a log, CI) a new line when the
+    worker's phase changes and every ``note_every`` seconds within one, so a long cold compile on a
+    loaded machine is never silent."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, note_every: float = 30.0) -> None:
+        self.total, self.done, self.note_every = total, 0, note_every
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self._last: tuple[str, float] = ("", 0.0)
 
-    def _bar(self) -> str:
-        filled = round(self.width * self.done / self.total) if self.total else self.width
-        return f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
-
-    def tick(self, label: str, elapsed: float) -> None:
+    def _write(self, line: str, final: bool = False) -> None:
         if self.tty:
-            self.stream.write(f"\r{self._bar()} {label} {elapsed:5.0f}s\033[K")
-            self.stream.flush()
+            self.stream.write("\r" + line + "\033[K" + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def tick(self, label: str, elapsed: float, beat: dict[str, Any] | None = None) -> None:
+        key, text = describe(beat or {})
+        changed = key != self._last[0]
+        if self.tty or changed or elapsed - self._last[1] >= self.note_every:
+            self._last = (key, elapsed)
+            self._write(f"[{self.done + 1}/{self.total}] {label}: {text}, {elapsed:.0f} s")
 
     def start(self, label: str) -> None:
-        if not self.tty:
-            self.stream.write(f"{self._bar()} {label} ...\n")
-            self.stream.flush()
+        self._last = ("", 0.0)
         self.tick(label, 0.0)
 
     def finish(self, label: str, elapsed: float, note: str = "") -> None:
         self.done += 1
-        line = f"{self._bar()} {label} {elapsed:.0f}s {note}".rstrip()
-        self.stream.write(("\r" + line + "\033[K\n") if self.tty else line + "\n")
-        self.stream.flush()
+        self._write(f"[{self.done}/{self.total}] {label}: {note or 'done'} ({elapsed:.0f} s)", final=True)
 
 
 def worker_env(spmd: int) -> dict[str, str]:
@@ -140,10 +176,26 @@ def _tail(path: Path, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def read_beat(path: str | None) -> dict[str, Any]:
+    """The worker's last heartbeat ({} before its first, or without one)."""
+    if not path:
+        return {}
+    with contextlib.suppress(OSError, ValueError):
+        beat = json.loads(Path(path).read_text(encoding="utf-8"))
+        return beat if isinstance(beat, dict) else {}
+    return {}
+
+
 def run_worker(
-    cmd: list[str], env: dict[str, str], timeout: float, progress: Progress, label: str
+    cmd: list[str],
+    env: dict[str, str],
+    timeout: float,
+    progress: Progress,
+    label: str,
+    beat_path: str | None = None,
 ) -> tuple[int | None, float, str]:
-    """Run one worker with a live timer; returns (exit code or None on timeout, seconds, log tail)."""
+    """Run one worker, saying what it does (its heartbeat) every second; returns (exit code or None on
+    timeout, seconds, log tail)."""
     with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
         start = time.monotonic()
@@ -155,7 +207,7 @@ def run_worker(
                 break
             except subprocess.TimeoutExpired:
                 elapsed = time.monotonic() - start
-                progress.tick(label, elapsed)
+                progress.tick(label, elapsed, read_beat(beat_path))
                 if elapsed > timeout:
                     proc.kill()
                     proc.wait()
@@ -194,20 +246,17 @@ def crashed_row(progress: dict[str, Any], reason: str, now: float) -> dict[str, 
 def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """Measure one job in a fresh process; a failed or timed-out worker becomes a row with ``error``
     (and ``crashed: true`` with the graphs and seconds it got to, if it died while its variant ran)."""
-    label = f"{job.variant} b{job.batch} x{job.new_tokens}"
+    label = job_label(job.variant, job.batch, job.new_tokens)
     progress.start(label)
     with tempfile.TemporaryDirectory() as tmp:
         out, beat = os.path.join(tmp, "row.json"), os.path.join(tmp, "progress.json")
-        code, elapsed, tail = run_worker(
-            worker_command(job, args, out, beat), worker_env(args.spmd), args.timeout, progress, label
-        )
+        cmd = worker_command(job, args, out, beat)
+        code, elapsed, tail = run_worker(cmd, worker_env(args.spmd), args.timeout, progress, label, beat)
         now = time.time()
         row: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             row = json.loads(Path(out).read_text(encoding="utf-8"))
-        beats: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            beats = json.loads(Path(beat).read_text(encoding="utf-8"))
+        beats = read_beat(beat)
     if code is None:
         row = crashed_row(beats, f"timed out after {args.timeout:.0f}s", now)
         row["timed_out"] = True
@@ -218,8 +267,19 @@ def run_job(job: Job, args: argparse.Namespace, progress: Progress) -> dict[str,
     row.update(variant=job.variant, new_tokens=job.new_tokens, batch=job.batch)
     if "error" in row and tail:
         row["log_tail"] = tail
-    progress.finish(label, elapsed, "FAILED: " + row["error"] if "error" in row else "")
+    failure = row_failure(row)
+    if failure:
+        note = "FAILED: " + failure
+    elif row.get("crashed"):
+        note = f"crashed XLA:CPU, as stock generate does (a measurement): {row['crash']}"
+    else:
+        note = ""
+    progress.finish(label, elapsed, note)
     return row
+
+
+def job_label(variant: str, batch: int, new_tokens: int) -> str:
+    return f"{variant} batch {batch} x{new_tokens}"
 
 
 #: Each patched generate variant and the stock one it is compared with (same call, same length).
@@ -360,6 +420,30 @@ TABLE_COLUMNS = (
 )
 
 
+#: Times that are differences of two warm calls, and the values derived from each.
+DIFFERENCES = {
+    "steady_ms_per_step": ("tokens_per_s", "steady_x_roofline"),
+    "cpu_eager_ms_per_step": ("cpu_eager_tokens_per_s",),
+}
+NOISE = "n/a (noise)"
+
+
+def _time_cell(row: dict[str, Any], key: str, digits: int) -> str:
+    """A measured time or what is derived from one, never negative: a difference of two warm calls
+    that is not positive (the worker records None and lists it under ``noisy``; older JSON kept the raw
+    value) was not measured, and neither was anything computed from it."""
+    for difference, derived in DIFFERENCES.items():
+        if key == difference or key in derived:
+            value = row.get(difference)
+            noisy = difference in row.get("noisy", ()) or (isinstance(value, (int, float)) and value <= 0)
+            if noisy:
+                return NOISE
+    value = row.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return NOISE
+    return _fmt(value, digits)
+
+
 def _key(row: dict[str, Any]) -> tuple[str, int, int]:
     return row["variant"], row["new_tokens"], row.get("batch", 1)
 
@@ -393,18 +477,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(row.get("compiles")),
                 _fmt(row.get("executions")),
                 _fmt(row.get("aliased_buffers")),
-                _fmt(row.get("tokens_match_cpu")),
-                _fmt(row.get("wall_s"), 2),
-                _fmt(row.get("ms_per_token"), 1),
-                _fmt(row.get("steady_ms_per_step"), 1),
-                _fmt(row.get("tokens_per_s"), 1),
-                _fmt(row.get("decode_step_ms"), 2),
-                _fmt(row.get("host_overhead"), 1),
-                _fmt(row.get("roofline_ms_per_token"), 2),
+                "n/a (sampled)" if row["variant"] in CHAT_CALL else _fmt(row.get("tokens_match_cpu")),
+                _time_cell(row, "wall_s", 2),
+                _time_cell(row, "ms_per_token", 1),
+                _time_cell(row, "steady_ms_per_step", 1),
+                _time_cell(row, "tokens_per_s", 1),
+                _time_cell(row, "decode_step_ms", 2),
+                _time_cell(row, "host_overhead", 1),
+                _time_cell(row, "roofline_ms_per_token", 2),
                 _fmt(row.get("roofline_bound")),
-                _fmt(row.get("steady_x_roofline"), 2),
-                _fmt(row.get("cpu_eager_ms_per_step"), 1),
-                _fmt(row.get("cpu_eager_tokens_per_s"), 1),
+                _time_cell(row, "steady_x_roofline", 2),
+                _time_cell(row, "cpu_eager_ms_per_step", 1),
+                _time_cell(row, "cpu_eager_tokens_per_s", 1),
                 _fmt(row.get("peak_rss_mb"), 0),
             ]
             if sharded:
@@ -422,7 +506,8 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
         "ms/token: a second identical call's wall time over its new tokens (prefill included).",
         "steady ms/step: (warm call of N tokens - warm call of N/2) / (N/2), each the fastest of 2 or",
         "more (calls under 1 s repeat), eos off: one decode step of the whole batch, prefill and per-call",
-        "set-up cancelled. tokens/s: batch x 1000 / steady ms/step.",
+        "set-up cancelled. tokens/s: batch x 1000 / steady ms/step. 'n/a (noise)': the longer call was not",
+        "slower (a loaded machine), so there is no difference to show (ms/token is then the estimate).",
         "decode ms/step: XLA execution time of that call's graphs after the prefill, per step ('-' where a",
         "step runs several graphs, as dynamo's do: they overlap, so ms/token is the measure there).",
         "host overhead x: ms/token over the call's XLA execution time per token (1.0: the host never waits).",
@@ -438,8 +523,9 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
     if any(r["variant"] in CHAT_CALL for r in rows):
         notes += [
             "generate-(stock-)chat-config: Qwen2.5-Instruct's generation config (sampling, temperature 0.7,",
-            "top-k 20, top-p 0.8, repetition penalty 1.05), seeded; tokens = CPU is '-' (XLA's RNG is not",
-            "CPU's): the JSON's same_tokens_cold_steady compares the two XLA calls.",
+            "top-k 20, top-p 0.8, repetition penalty 1.05), seeded; tokens = CPU is 'n/a (sampled)' (XLA's",
+            "RNG is not CPU's). The fast path's check instead: the same seed gives the same tokens in the",
+            "cold and the steady call (the JSON's same_tokens_cold_steady); stock's RNG ignores the seed.",
         ]
     capped = [r for r in rows if r.get("capped")]
     if capped:
@@ -449,6 +535,31 @@ def table_notes(rows: list[dict[str, Any]]) -> str:
             "it compiles a new graph per step, and XLA:CPU dies at ~40 graphs in one process."
         )
     return "\n".join(notes)
+
+
+def plan_line(jobs: list[Job], args: argparse.Namespace) -> str:
+    """What the run will do, said before the first (slow) worker starts."""
+    runs = len(dict.fromkeys((j.variant, j.new_tokens, j.batch) for j in jobs))
+    capped = sorted({j.variant for j in jobs if j.capped})
+    variants = len(args.variants)
+    line = (
+        f"xla-cache-patch bench: {runs} run{'' if runs == 1 else 's'}, each in its own process "
+        f"({variants} variant{'' if variants == 1 else 's'} x {', '.join(map(str, args.new_tokens))} "
+        f"new tokens x batch {', '.join(map(str, args.batch))}"
+    )
+    if capped:
+        line += f"; {', '.join(capped)} capped at {args.stock_generate_cap} new tokens"
+    return line + ")"
+
+
+def skipped_note(variants: list[str]) -> str:
+    """The stock variants a default run leaves out (SKIPPED_BY_DEFAULT), why, and how to ask for them."""
+    skipped = [v for v in SKIPPED_BY_DEFAULT if v not in variants]
+    if list(variants) != list(DEFAULT_VARIANTS) or not skipped:
+        return ""
+    lines = [f"Not in the default run (ask for it with --variants {','.join(skipped)}):"]
+    lines += [f"- {v}: {SKIPPED_BY_DEFAULT[v]}." for v in skipped]
+    return "\n".join(lines)
 
 
 def write_json(path: Path, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -544,6 +655,7 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         print(f"xla-cache-patch bench: {mismatch}", file=sys.stderr)
         return 2
     jobs = plan_jobs(args.variants, args.new_tokens, args.stock_generate_cap, tuple(args.batch))
+    print(plan_line(jobs, args), file=sys.stderr)
     rows = run_jobs(jobs, args)
     env = environment(rows, args)
     lines = speedups(rows)
@@ -551,20 +663,64 @@ def run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     print("\n" + table_notes(rows), file=out)
     if lines:
         print("\n" + "\n".join(lines), file=out)
+    skipped = skipped_note(args.variants)
+    if skipped:
+        print("\n" + skipped, file=out)
     if args.json:
         write_json(Path(args.json), env, rows)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         write_plot(Path(args.plot), rows)
         print(f"wrote {args.plot}", file=sys.stderr)
-    # stock generate dying on XLA:CPU is a measurement (its row says so), not a failure of the bench
-    bad = [
-        r
-        for r in rows
-        if not (r.get("crashed") and r["variant"].startswith("generate-stock"))
-        and ("error" in r or not r.get("tokens_match_cpu"))
-    ]
-    return 1 if bad else 0
+    failures = failed_rows(rows)
+    if failures:
+        more = f" (and {len(failures) - 1} more row(s) failed: see the table)" if len(failures) > 1 else ""
+        print(f"xla-cache-patch bench: FAILED: {failures[0]}{more}", file=sys.stderr)
+        return 1
+    print(f"xla-cache-patch bench: ok: every row as expected ({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
+def row_failure(row: dict[str, Any]) -> str | None:
+    """What is wrong with a row, in a few words, or None when it is as it should be.
+
+    Stock generate dying on XLA:CPU is a measurement (its row says so), not a failure. A sampled row
+    (the chat-config variants) has no CPU token comparison, XLA's RNG not being CPU's: the fast path's
+    check is that its seed reproduces (cold and steady call, same seed, same tokens); stock's has none
+    (torch_xla's RNG is not reseeded by ``torch.manual_seed``). Every other row's tokens must equal CPU
+    eager's, and a patched ``generate`` must have taken the fast path.
+    """
+    variant = str(row.get("variant", ""))
+    if variant.startswith("generate-stock") and row.get("crashed"):
+        return None
+    if "error" in row:
+        return str(row["error"]).splitlines()[0] if row["error"] else "error"
+    patched_generate = variant.startswith("generate-") and variant in PATCH_MODE
+    path = row.get("path")
+    if patched_generate and isinstance(path, str) and path != "fast":
+        return f"did not take the fast path ({path})"
+    if variant in CHAT_CALL:
+        if patched_generate and row.get("same_tokens_cold_steady") is False:
+            return "the same seed gave different tokens in the cold and the steady call"
+        return None
+    if row.get("tokens_match_cpu") is not True:
+        return "tokens differ from CPU eager's" + (
+            " (bfloat16: XLA:CPU rounds unlike torch's CPU kernels, see docs/bench.md)"
+            if row.get("dtype") == "bfloat16"
+            else ""
+        )
+    return None
+
+
+def failed_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per failed row: the row (variant, batch, new tokens) and what failed."""
+    failures = []
+    for variant, new_tokens, batch in dict.fromkeys(_key(r) for r in rows):
+        row = next(r for r in rows if _key(r) == (variant, new_tokens, batch))
+        reason = row_failure(row)
+        if reason:
+            failures.append(f"{job_label(variant, batch, new_tokens)}: {reason}")
+    return failures
 
 
 def _csv_variants(text: str) -> list[str]:
@@ -587,8 +743,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch",
         type=csv_ints,
-        default="1",
-        help="comma-separated batch sizes; every variant runs at each (default: %(default)s)",
+        default=",".join(map(str, DEFAULT_BATCH)),
+        help="comma-separated batch sizes; every variant runs at each (default: %(default)s, the README's "
+        "call: every second row left-padded)",
     )
     p.add_argument(
         "--dtype",

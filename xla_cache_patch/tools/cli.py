@@ -57,7 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--prompt-lengths", default="16", help="comma-separated (default: 16)")
     warm.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
     warm.add_argument("--compile-cache", default=None, help="torch_xla's persistent compilation cache folder")
+    options = warm.add_argument_group(
+        "generation options of the calls to come (they choose the graphs: sampling, beams and each "
+        "processor set are graphs of their own)"
+    )
+    options.add_argument("--do-sample", action="store_true", default=None, help="sampling (do_sample=True)")
+    options.add_argument("--temperature", type=float, default=None)
+    options.add_argument("--top-k", type=int, default=None)
+    options.add_argument("--top-p", type=float, default=None)
+    options.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
+    options.add_argument(
+        "--gen",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other generate option, repeatable: --gen repetition_penalty=1.2 --gen eos_token_id=2 "
+        "(the value is read as a Python literal, else kept as a string)",
+    )
     return parser
+
+
+_NAMED_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "num_beams")
+
+
+def generate_options(args: argparse.Namespace) -> dict[str, object]:
+    """The generate keyword arguments warmup's command line asks for (named flags, then ``--gen``)."""
+    import ast
+
+    options: dict[str, object] = {
+        name: getattr(args, name) for name in _NAMED_OPTIONS if getattr(args, name) is not None
+    }
+    for item in args.gen:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"xla-cache-patch warmup: --gen takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key] = text.strip()
+    return options
 
 
 def _ints(text: str) -> list[int]:
@@ -71,17 +110,19 @@ def run_warmup(args: argparse.Namespace) -> int:
     from xla_cache_patch.fastgen.warmup import shapes
     from xla_cache_patch.tools import tiny
 
+    options = generate_options(args)  # before any heavy import: a bad --gen fails at once
     xla_cache_patch.apply(compile_cache=args.compile_cache)
     model = tiny.load_model(args.model).to(torch_xla.device())
     lengths, batches = _ints(args.prompt_lengths), _ints(args.batch_sizes)
     start = time.perf_counter()
     compiled = xla_cache_patch.warmup(
-        model, batch_sizes=batches, prompt_lengths=lengths, max_new_tokens=args.max_new_tokens
+        model, batch_sizes=batches, prompt_lengths=lengths, max_new_tokens=args.max_new_tokens, **options
     )
     found = ", ".join(f"prompt bucket {p} / cache {c}" for p, c in shapes(lengths, args.max_new_tokens))
+    asked = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "the model's generation config"
     print(
         f"batch sizes {batches}, prompt lengths {lengths} (rounded up to buckets), up to "
-        f"{args.max_new_tokens} new tokens: {found}: {compiled} graphs compiled in "
+        f"{args.max_new_tokens} new tokens, {asked}: {found}: {compiled} graphs compiled in "
         f"{time.perf_counter() - start:.1f} s"
     )
     return 0

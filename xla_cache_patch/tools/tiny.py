@@ -130,27 +130,34 @@ def preset_model(name: str, seed: int = DEFAULT_SEED) -> Any:
 
 
 #: Tiny encoder-decoder configs (random weights): T5 v1.0 (ReLU FFN, tied embeddings), T5 v1.1 / Flan
-#: (gated GELU, untied), BART, Marian and mBART. Token ids: pad 1 (T5: 0), eos 2 (T5: 1). The BART family
-#: is untied: with transformers' small initialisation a tied tiny model repeats its last token forever.
+#: (gated GELU, untied), mT5, BART, Marian, mBART (mBART-50 is the same class), M2M100 (NLLB's class),
+#: Pegasus, BlenderBot (and Small), LED, FSMT and ProphetNet. Token ids: pad 1 (T5 family: 0), eos 2
+#: (T5: 1). The BART family is untied: with transformers' small initialisation a tied tiny model repeats
+#: its last token forever.
 TINY_SEQ2SEQ: dict[str, tuple[str, dict[str, Any]]] = {
     "t5": ("t5", dict(feed_forward_proj="relu", tie_word_embeddings=True)),
     "t5-v1.1": ("t5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "mt5": ("mt5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     "bart": ("bart", dict(tie_word_embeddings=False)),
     "marian": ("marian", dict(tie_word_embeddings=False)),
     "mbart": ("mbart", dict(tie_word_embeddings=False)),
+    "m2m100": ("m2m_100", dict(tie_word_embeddings=False)),
+    "pegasus": ("pegasus", dict(tie_word_embeddings=False)),
+    "blenderbot": ("blenderbot", dict(tie_word_embeddings=False)),
+    "blenderbot-small": ("blenderbot-small", dict(tie_word_embeddings=False)),
+    "led": ("led", dict(tie_word_embeddings=False)),
+    "fsmt": ("fsmt", dict(tie_word_embeddings=False)),
+    "prophetnet": ("prophetnet", dict(tie_word_embeddings=False)),
 }
 #: Weight matrices are redrawn with this std: varied tokens (transformers' init gives one token repeated).
 SEQ2SEQ_STD = 0.5
 
 
-def tiny_seq2seq(kind: str = "t5", seed: int = DEFAULT_SEED, vocab: int = DEFAULT_VOCAB) -> Any:
-    """A random-weight tiny encoder-decoder model of ``kind`` (TINY_SEQ2SEQ), 2+2 layers, in eval mode."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    model_type, extra = TINY_SEQ2SEQ[kind]
-    if model_type == "t5":
-        fields: dict[str, Any] = dict(
+def _seq2seq_fields(model_type: str, vocab: int) -> dict[str, Any]:
+    """The tiny shape in each family's own field names."""
+    if model_type in ("t5", "mt5"):
+        return dict(
+            vocab_size=vocab,
             d_model=DEFAULT_HIDDEN,
             d_kv=16,
             d_ff=2 * DEFAULT_HIDDEN,
@@ -163,25 +170,52 @@ def tiny_seq2seq(kind: str = "t5", seed: int = DEFAULT_SEED, vocab: int = DEFAUL
             eos_token_id=1,
             decoder_start_token_id=0,
         )
-    else:
-        fields = dict(
-            d_model=DEFAULT_HIDDEN,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=NUM_HEADS,
-            decoder_attention_heads=NUM_HEADS,
+    ids = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    if model_type == "prophetnet":
+        return dict(
+            vocab_size=vocab,
+            hidden_size=DEFAULT_HIDDEN,
             encoder_ffn_dim=2 * DEFAULT_HIDDEN,
             decoder_ffn_dim=2 * DEFAULT_HIDDEN,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            num_encoder_attention_heads=NUM_HEADS,
+            num_decoder_attention_heads=NUM_HEADS,
             max_position_embeddings=128,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            forced_eos_token_id=2,
+            num_buckets=8,
+            relative_max_distance=16,
+            **ids,
         )
-        if model_type == "marian":
-            fields.update(decoder_start_token_id=1, forced_eos_token_id=None)
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, **fields, **extra)
+    fields: dict[str, Any] = dict(
+        d_model=DEFAULT_HIDDEN,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=NUM_HEADS,
+        decoder_attention_heads=NUM_HEADS,
+        encoder_ffn_dim=2 * DEFAULT_HIDDEN,
+        decoder_ffn_dim=2 * DEFAULT_HIDDEN,
+        forced_eos_token_id=2,
+        **ids,
+    )
+    if model_type == "led":  # Longformer attention in the encoder: windows of 4 tokens
+        fields.update(max_encoder_position_embeddings=128, max_decoder_position_embeddings=128)
+        fields.update(attention_window=4)
+    else:
+        fields.update(max_position_embeddings=128)
+    if model_type == "fsmt":
+        return dict(fields, langs=["en", "de"], src_vocab_size=vocab, tgt_vocab_size=vocab)
+    if model_type == "marian":
+        fields.update(decoder_start_token_id=1, forced_eos_token_id=None)
+    return dict(fields, vocab_size=vocab)
+
+
+def tiny_seq2seq(kind: str = "t5", seed: int = DEFAULT_SEED, vocab: int = DEFAULT_VOCAB) -> Any:
+    """A random-weight tiny encoder-decoder model of ``kind`` (TINY_SEQ2SEQ), 2+2 layers, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    model_type, extra = TINY_SEQ2SEQ[kind]
+    config = AutoConfig.for_model(model_type, **_seq2seq_fields(model_type, vocab), **extra)
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config).eval()
     gen = torch.Generator().manual_seed(seed)
