@@ -29,6 +29,13 @@ SMALL = dict(
 )
 
 
+def _has_state_layers() -> bool:
+    """Does this transformers keep recurrent state in its own cache layers (5.24+)?"""
+    import transformers.cache_utils
+
+    return hasattr(transformers.cache_utils, "LinearAttentionLayer")
+
+
 def model_of(config_name: str, model_name: str, **extra: object) -> object:
     config = getattr(transformers, config_name)(**SMALL, **extra)
     return getattr(transformers, model_name)(config)
@@ -56,12 +63,17 @@ def test_sliding_layers_are_known() -> None:
     ("config_name", "model_name"),
     [("BambaConfig", "BambaForCausalLM"), ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM")],
 )
-def test_mamba_hybrids_are_refused(config_name: str, model_name: str) -> None:
+def test_mamba_hybrids_are_known_where_their_state_layers_are(config_name: str, model_name: str) -> None:
+    """5.24+ keeps their Mamba2 state in transformers' LinearAttentionLayer: known (tests/test_ssm.py
+    shows the tokens); before, in a cache class of their own: refused."""
     if not hasattr(transformers, config_name):
         pytest.skip(f"{config_name} is not in transformers {transformers.__version__}")
     model = model_of(config_name, model_name)
     reason = families.unknown_state(model, compat.current().model_cache_kinds(model.config))
-    assert reason is not None and model_name in reason, reason
+    if _has_state_layers():
+        assert reason is None, reason
+    else:
+        assert reason is not None and model_name in reason, reason
 
 
 def test_an_unknown_layer_class_is_refused_even_when_the_config_looks_dense() -> None:
@@ -92,10 +104,18 @@ def test_hybrid_models_are_refused_on_xla_with_the_reason() -> None:
     """Planning only, on the XLA device: nothing compiles."""
     out = run_in_era("closed_world.py")["models"]
     assert out["LlamaForCausalLM"]["decision"] == "fast path", out
+    known = {"LlamaForCausalLM"}
+    if _has_state_layers():  # families.RECURRENT_FAMILIES
+        known |= {
+            "GraniteMoeHybridForCausalLM",
+            "BambaForCausalLM",
+            "FalconH1ForCausalLM",
+            "Lfm2ForCausalLM",
+        }
+    taken = [name for name, row in out.items() if row["decision"] == "fast path"]
     refused = [name for name, row in out.items() if row["decision"].startswith("falls back")]
-    hybrids = [
-        name for name in out if name != "LlamaForCausalLM" and not out[name]["decision"].startswith("absent")
-    ]
-    assert sorted(refused) == sorted(hybrids), out
+    present = [name for name in out if not out[name]["decision"].startswith("absent")]
+    assert sorted(taken) == sorted(known & set(present)), out
+    assert sorted(refused) == sorted(set(present) - known), out
     for name in refused:
         assert "state" in out[name]["decision"] and "Nothing to change" in out[name]["fix"], out[name]

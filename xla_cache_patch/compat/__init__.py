@@ -125,9 +125,20 @@ class Adapter:
         return self.storage.capacity(cache)
 
     def beam_buffers(self, cache: Any) -> list[Any]:
-        """The buffers a beam reorder moves: an encoder-decoder cache's self-attention part only (its
-        cross-attention part holds the same encoder output in every beam of a prompt)."""
-        return self.cache_buffers(cache_parts(cache)[0])
+        """The buffers a beam reorder moves: K/V and recurrent states (their rows are the beams), of an
+        encoder-decoder cache the self-attention part only (its cross-attention part holds the same encoder
+        output in every beam of a prompt)."""
+        own = cache_parts(cache)[0]
+        return self.cache_buffers(own) + self.recurrent_states(own)
+
+    def recurrent_states(self, cache: Any) -> list[Any]:
+        """The allocated per-row recurrent states (conv windows, SSM states) of the cache's linear-attention
+        layers (5.24+, ``compat._recurrent``); empty for eras and caches without them."""
+        if self.storage is None:
+            return []
+        from xla_cache_patch.compat._recurrent import row_states
+
+        return row_states(cache)
 
     def cache_batch_size(self, cache: Any) -> int | None:
         from xla_cache_patch.compat._storage import batch_size
@@ -157,26 +168,41 @@ class Adapter:
 
     def cache_kinds(self, cache: Any) -> list[str]:
         """Per layer, the kind of state it holds, as this era writes it: ``full`` / ``sliding`` (K/V rows
-        at slots, written by a class whose ``update`` this era wraps), ``none`` (a layer with no state), or
-        ``unknown: Class`` (a recurrent or convolution state, a model's own layer class, anything else).
+        at slots, written by a class whose ``update`` this era wraps), ``none`` (a layer with no state),
+        ``recurrent`` / ``full+recurrent`` (transformers' own linear-attention layers: fixed-size conv and
+        SSM states, beside full-attention K/V for the hybrid; ``compat._recurrent``), or ``unknown: Class``
+        (a model's own layer class, a dynamic or sliding hybrid, anything else).
 
         A list-era StaticCache holds one kind only: full-attention K/V (its HybridCache is not accepted).
         """
         layers = getattr(cache, "layers", None)
         if layers is None:
             return ["full"]
+        from xla_cache_patch.compat import _recurrent
+
         written = {t.path.split(".")[0] for t in self.targets if t.path.endswith(".update")}
         kinds = []
         for layer in layers:
             cls = type(layer)
             ours = cls.__module__ == CACHE_MODULE
-            if ours and cls.__name__ in written:
+            recurrent = _recurrent.kind(layer) if ours else None
+            if recurrent is not None and self._writes_kv(cls, written, recurrent):
+                kinds.append(recurrent)
+            elif ours and cls.__name__ in written:
                 kinds.append("sliding" if getattr(layer, "is_sliding", False) else "full")
             elif ours and cls.__name__ == "DummyLayer":
                 kinds.append("none")
             else:
                 kinds.append(f"unknown: {cls.__name__}")
         return kinds
+
+    @staticmethod
+    def _writes_kv(cls: type, written: set[str], kind: str) -> bool:
+        """A recurrent layer's K/V part (``full+recurrent``) is written by an ``update`` this era wraps."""
+        if not kind.startswith("full+"):
+            return True
+        owner = next((c for c in cls.__mro__ if "update" in vars(c)), None)
+        return owner is not None and owner.__module__ == CACHE_MODULE and owner.__name__ in written
 
     def model_cache_kinds(self, config: Any) -> list[str]:
         """``cache_kinds`` of the StaticCache the fast path would build for ``config``, built on the meta

@@ -22,7 +22,7 @@ import torch_xla
 
 from xla_cache_patch import compat
 from xla_cache_patch.fastgen import beams as beam_search
-from xla_cache_patch.fastgen import encdec
+from xla_cache_patch.fastgen import encdec, multimodal
 from xla_cache_patch.fastgen.plan import GROWS_ATTR, STALE_ATTR, Plan
 from xla_cache_patch.fastgen.processors import DeviceBank, StepView
 from xla_cache_patch.fastgen.replay import StepReplay
@@ -130,8 +130,11 @@ def _forward(
     positions: torch.Tensor,
     slots: torch.Tensor,
     encoded: encdec.Encoded | None = None,
+    media: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """One forward; returns the float32 logits of the last position, [B, V].
+
+    ``media``: an image-and-text model's prefill inputs (pixel_values, ...: fastgen.multimodal).
 
     With ``encoded`` (an encoder-decoder model) ``ids`` and ``mask`` are the decoder's, over the encoder's
     output; its positions are the cache slots (the decoder is never padded), so ``positions`` is unused.
@@ -143,6 +146,7 @@ def _forward(
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         if spec.logits_kwarg is not None:
             kwargs[spec.logits_kwarg] = 1
+        kwargs.update(media or {})
     kwargs.update({spec.cache_kwarg: cache, "use_cache": True, "return_dict": True})
     if spec.cache_position:
         kwargs["cache_position"] = slots
@@ -279,8 +283,19 @@ def _prefill(
         groups = batch // plan.beams.num_beams
         state.beams = beam_search.initial_state(plan.beams, groups, width + 1, device)
     slots = torch.arange(held, first, dtype=torch.int64).to(device)  # device data: any held, one graph
+    # Recurrent layers take the mask of the prefilled tokens as its last P columns (transformers'
+    # create_recurrent_attention_mask): ours ends at the prompt, not at the cache's empty slots, or every
+    # token would be masked out of the SSM. Attention pads a shorter mask with zeros: the same mask.
+    mask = state.mask[:, :first] if plan.recurrent else state.mask
+    media = None
+    if plan.media is not None:
+        media = plan.media.prefill_kwargs(bucket, device)
+        rope = plan.media.rope_positions(bucket)
+        if rope is not None:  # Qwen-VL's 3-D rope: the decode positions continue from its offsets
+            positions = rope
+            state.position = state.position + plan.media.rope_deltas.to(device)
     logits = _forward(
-        model, plan, cache, ids.to(device), state.mask, positions.to(device), slots, consts.encoded
+        model, plan, cache, ids.to(device), mask, positions.to(device), slots, consts.encoded, media
     )
     # beams: every beam of a prompt holds the same prompt, so the cache needs no reorder yet
     scores, alive, _ = _select(logits, state, state.slot, plan, consts)
@@ -327,8 +342,9 @@ def run(model: Any, plan: Plan) -> Any:
     if plan.encoder is not None:  # its encoder runs once, here; the decoder is the loop's
         cache = encdec.make_cache(adapter, model, plan.cache_len, plan.encoder, device)
     elif cache is None:
+        config = multimodal.cache_config(model.config)  # a wrapper's cache is its text model's
         cache = adapter.make_static_cache(
-            model.config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
+            config, plan.cache_len, batch_size=batch, device=device, dtype=model.dtype
         )
         setattr(cache, GROWS_ATTR, True)  # ours: a conversation continued on it grows it (plan._layout)
     elif plan.grow:
@@ -407,6 +423,9 @@ def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, devi
     """
     held, length = plan.cache_start, plan.input_ids.shape[1]
     shift = plan.prompt_bucket - (length - held)
+    if plan.recurrent:
+        setattr(cache, STALE_ATTR, _recurrent_reason(plan, produced))
+        return
     windows = adapter.cache_windows(cache)
     if windows:
         setattr(cache, STALE_ATTR, _sliding_reason(min(windows), plan, produced))
@@ -423,6 +442,17 @@ def _settle(adapter: compat.Adapter, cache: Any, plan: Plan, produced: int, devi
         )
     adapter.set_length(cache, total)
     torch_xla.sync()
+
+
+def _recurrent_reason(plan: Plan, produced: int) -> str:
+    """Why a cache with recurrent-state layers that the fast path filled cannot be continued."""
+    pad = plan.prompt_bucket - (plan.input_ids.shape[1] - plan.cache_start)
+    return (
+        f"its recurrent layers (SSM / convolution states) hold a state, not slots: it went through every "
+        f"step the loop ran (up to {plan.eos_check_every} past the {produced} tokens kept) and its token "
+        f"count includes the bucket's {pad} padding positions; a state cannot be shifted or rolled back "
+        "as K/V slots are, so the fast path does not continue such caches"
+    )
 
 
 def _sliding_reason(window: int, plan: Plan, produced: int) -> str:

@@ -209,6 +209,10 @@ class Plan:
     # (its start token, [B, 1]), and the prompt bucket is 1 (fastgen.encdec).
     encoder: Any | None = None
     beams: Beams | None = None  # beam search (input_ids then holds each prompt num_beams times)
+    # The cache has recurrent-state layers (Mamba2, short convolution: compat._recurrent, families): the
+    # prefill sees a mask that ends at the prompt, and the cache it leaves cannot be continued.
+    recurrent: bool = False
+    media: Any | None = None  # image-and-text models: the prefill's images (fastgen.multimodal.Inputs)
 
     @property
     def first_slot(self) -> int:
@@ -316,13 +320,7 @@ def _check_model(model: Any) -> ForwardSpec:
     if encoder_decoder:
         _check_encoder_decoder(model)
     else:
-        get_text_config = getattr(config, "get_text_config", None)
-        _require(
-            get_text_config is None or get_text_config() is config,
-            "multimodal models are not supported",
-            None,
-            f"{_NOT_OURS}: the fast path covers text-only models.",
-        )
+        _check_multimodal(model)
     _require(
         getattr(model, "main_input_name", "input_ids") == "input_ids",
         "the model does not take input_ids",
@@ -365,14 +363,61 @@ def _check_model(model: Any) -> ForwardSpec:
         f"own-generate:{type(model).__name__}",
         f"{_NOT_OURS}: its class has a generate of its own.",
     )
-    _check_state(model, compat.current().model_cache_kinds(config))
+    _check_state(model, _model_cache_kinds(model))
     return spec  # type: ignore[return-value]
+
+
+def _model_cache_kinds(model: Any) -> list[str]:
+    """The kinds of the cache the loop builds for this model (a wrapper's is its text model's)."""
+    from xla_cache_patch.fastgen import multimodal
+
+    return compat.current().model_cache_kinds(multimodal.cache_config(model.config))
+
+
+def _holds_recurrent(model: Any, cache: Any | None) -> bool:
+    """Does the call's cache (the user's, else the one the loop builds) hold recurrent state?"""
+    adapter = compat.current()
+    kinds = adapter.cache_kinds(cache) if cache is not None else _model_cache_kinds(model)
+    return families.holds_recurrent(kinds)
 
 
 def _check_state(model: Any, kinds: list[str]) -> None:
     """The closed world: every kind of state the model's cache holds is one the loop runs."""
     reason = families.unknown_state(model, kinds)
     _require(reason is None, str(reason), f"model-state:{type(model).__name__}", families.refusal_fix())
+
+
+def _check_multimodal(model: Any) -> None:
+    """Image-and-text wrappers: their family's rules (fastgen.multimodal) or a precise refusal."""
+    from xla_cache_patch.fastgen import multimodal
+
+    if not multimodal.is_multimodal(model.config):
+        return
+    try:
+        multimodal.family(model)
+    except multimodal.Refused as refused:
+        raise Fallback(str(refused), refused.key, fix=refused.fix) from None
+
+
+def _media(
+    model: Any, model_kwargs: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, pad: int, config: Any
+) -> Any:
+    """The call's images (fastgen.multimodal.Inputs), or None for a text model; Fallback for the uncovered."""
+    from xla_cache_patch.fastgen import multimodal
+
+    if not multimodal.is_multimodal(model.config):
+        return None
+    try:
+        media = multimodal.take_inputs(model, model_kwargs, ids, mask, pad)
+    except multimodal.Refused as refused:
+        raise Fallback(str(refused), refused.key, fix=refused.fix) from None
+    _require(
+        not media or _rows_per_prompt(config) == 1,
+        "images with num_beams or num_return_sequences > 1",
+        "multimodal-expand",
+        "Generate one sequence per image prompt (num_beams=1, num_return_sequences=1).",
+    )
+    return media or None
 
 
 def _check_encoder_decoder(model: Any) -> None:
@@ -710,7 +755,7 @@ def _check_era_static_cache(model: Any) -> None:
 def _check_user_cache(model: Any, cache: Any, batch: int) -> None:
     adapter = compat.current()
     _check_state(model, adapter.cache_kinds(cache))
-    tensors = adapter.cache_buffers(cache)
+    tensors = adapter.cache_buffers(cache) + adapter.recurrent_states(cache)
     _require(
         all(t.device.type == "xla" for t in tensors),
         "the cache is not on the XLA device",
@@ -1020,8 +1065,15 @@ def plan_request(
         mask = torch.ones_like(cpu_ids)
     else:
         cpu_ids, mask = _expand(config, cpu_ids, mask)
+    media = None if spec.encoder_decoder else _media(model, model_kwargs, cpu_ids, mask, pad or 0, config)
     cache = _user_cache(model, model_kwargs, config, policy)
     _check_era_static_cache(model)
+    _require(
+        media is None or cache is None,
+        "images with a cache object",
+        "multimodal-cache",
+        "Pass cache_implementation='static' (or nothing) with images, no cache object.",
+    )
     _require(
         encoder is None or cache is None,
         "a cache object with an encoder-decoder model",
@@ -1051,9 +1103,17 @@ def plan_request(
     logits = _pipeline(model, config, cpu_ids, mask)
     stop_strings = _stop_strings(config, hooks.tokenizer, eos)
     held = 0
+    recurrent = _holds_recurrent(model, cache)
     if cache is not None:
         _check_user_cache(model, cache, cpu_ids.shape[0])
         held = read_cache_length(cache)
+        _require(
+            not (held and recurrent),
+            f"the cache holds {held} tokens in recurrent layers (SSM / convolution states): the fast path "
+            "does not continue a recurrent state",
+            "recurrent-continuation",
+            "Pass the whole conversation with no cache (or after cache.reset()).",
+        )
         if held:
             _check_continuation(cache, held, cpu_ids.shape[1])
     bucket, cache_len, grow = _layout(cpu_ids.shape[1] - held, max_new, cache, held)
@@ -1080,12 +1140,14 @@ def plan_request(
         spec=spec,
         cache_start=held,
         grow=grow,
+        recurrent=recurrent,
         host_criteria=hooks.criteria,
         max_time=None if getattr(config, "max_time", None) is None else float(config.max_time),
         stop_strings=stop_strings,
         streamer=hooks.streamer,
         encoder=encoder,
         beams=beams,
+        media=media,
     )
 
 
