@@ -641,7 +641,7 @@ def render(version: str, rows: list[dict[str, Any]], command: str, seconds: floa
         "transformers' own loop answers it.",
         f"- **{FAILED}**: the fast path raised or its process died (a bug to look at).",
         f"- **{CANNOT}**: no tiny config, needs weights, extra packages or non-text inputs, or took "
-        f"more than {CLASS_TIMEOUT} s.",
+        f"more than {CLASS_TIMEOUT} s of CPU time.",
         f"- **{OTHER}**: must never appear; `scripts/support_matrix.py` exits 1 when it does.",
         "",
         "| state | classes |",
