@@ -365,9 +365,9 @@ def _check_model(model: Any) -> ForwardSpec:
     )
     _check_state(model, _model_cache_kinds(model))
     model_type = getattr(config, "model_type", None)
-    wrong = families.MEASURED_OTHER_TOKENS.get(str(model_type))
-    reason = f"{type(model).__name__}: {wrong}"
-    _require(wrong is None, reason, f"other-tokens:{model_type}", families.refusal_fix())
+    measured = families.MEASURED_REFUSED.get(str(model_type))
+    reason = f"{type(model).__name__}: {measured}"
+    _require(measured is None, reason, f"measured:{model_type}", families.refusal_fix())
     return spec  # type: ignore[return-value]
 
 
