@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from xla_cache_patch.metrics import count_compiles
     from xla_cache_patch.registry import Status, apply, is_applied, is_ours, patched, status, unapply
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
 
 __all__ = [
     "CacheDtypeError",
