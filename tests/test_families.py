@@ -16,17 +16,9 @@ from tests.xla_run import run_in_era
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
+from tests.xla_scripts.common import LLAMA_FIELDS as SMALL  # noqa: E402
 from xla_cache_patch import compat  # noqa: E402
 from xla_cache_patch.fastgen import families  # noqa: E402
-
-SMALL = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
 
 
 def _has_state_layers() -> bool:

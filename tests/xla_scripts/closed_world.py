@@ -15,19 +15,10 @@ import torch
 import torch_xla
 import transformers
 
+from tests.xla_scripts.common import LLAMA_FIELDS
 from xla_cache_patch import fastgen
 
-SMALL = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    eos_token_id=2,
-    bos_token_id=1,
-)
+SMALL = dict(LLAMA_FIELDS, pad_token_id=0, eos_token_id=2, bos_token_id=1)
 # (config class, model class, config fields beyond the tiny Llama-shaped ones)
 MODELS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("LlamaConfig", "LlamaForCausalLM", {}),
