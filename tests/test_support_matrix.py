@@ -16,7 +16,7 @@ PAGE = ROOT / "docs" / "models.md"
 OTHER = "fast path, OTHER tokens"
 #: Classes the matrix found on the fast path with other tokens than CPU (bugs being fixed): the page lists
 #: them; this test fails on any other. Remove a name when its bug is fixed and the page rewritten.
-KNOWN_BUGS = {"GitForCausalLM"}
+KNOWN_BUGS: set[str] = set()
 
 
 def test_models_page_names_its_version_and_no_new_other_tokens_row() -> None:
