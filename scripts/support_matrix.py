@@ -634,8 +634,9 @@ def render(version: str, rows: list[dict[str, Any]], command: str, seconds: floa
         f"Written by `{command}` on {date} ({len(rows)} classes, {seconds / 60:.1f} min). Each class is "
         "built from a tiny config with random weights and generates greedily (a batch of 2, left-padded; "
         f"right-padded for encoder-decoders; an eos that stops one row early; {NEW_TOKENS} new tokens) on "
-        "CPU with stock `generate`, then on XLA after `xla_cache_patch.apply()` (XLA:CPU with its LLVM backend "
-        "at `-O0` to compile faster: without fast-math LLVM reorders no float operation at any level).",
+        "CPU with stock `generate`, then on XLA after `xla_cache_patch.apply()` (XLA:CPU with its LLVM "
+        "backend at `-O0` to compile faster: without fast-math LLVM reorders no float operation at any "
+        "level).",
         "",
         f"- **{FAST}**: the fast path ran and gave transformers' CPU tokens.",
         f"- **{REFUSED}**: the fast path declined the call (its reason, as logged once as a WARNING); "
