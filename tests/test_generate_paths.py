@@ -72,7 +72,8 @@ def test_each_refusal_names_its_fix() -> None:
         assert spelling in fixes["right_padding"]
     assert "pass penalty_alpha=0.0 to generate" in fixes["option"]
     assert fixes["beams_max_time"].startswith("Drop max_time")
-    assert "max_cache_len >= 67" in fixes["cache_short"]  # 8 prompt + 60 new - 1
+    assert "max_cache_len >= 67" in fixes["cache_short"]  # 8 prompt + 60 new - 1: an error, not a fallback
+    assert decided["cache_short"]["key"] == "CacheOverflowError"
     assert "Leave out token_type_ids" in fixes["model_kwargs"]
     assert "max_new_tokens" in fixes["max_length"]
     assert "torch.no_grad() instead of torch.inference_mode()" in fixes["inference_mode"]

@@ -390,7 +390,11 @@ def case_fixes(args: argparse.Namespace) -> dict[str, Any]:
     decided = {}
     for name, (call_ids, extra) in calls.items():
         kwargs = {"attention_mask": mask, **base, **extra}
-        decision = xla_cache_patch.fastgen.decide(model, (call_ids,), kwargs)
+        try:
+            decision = xla_cache_patch.fastgen.decide(model, (call_ids,), kwargs)
+        except xla_cache_patch.CacheOverflowError as exc:  # a cache too short: an error, not a fallback
+            decided[name] = {"fast": False, "key": type(exc).__name__, "fix": str(exc)}
+            continue
         decided[name] = {"fast": decision.fast, "key": decision.key, "fix": decision.fix}
     with torch.inference_mode():
         decision = xla_cache_patch.fastgen.decide(model, (ids,), dict(attention_mask=mask, **base))
