@@ -103,8 +103,9 @@ def check_bounds(pos: torch.Tensor, capacity: int, where: str) -> None:
     XLA's scatter drops an out-of-range row silently. While ``torch.compile`` traces it is skipped,
     as stock has no such check: reading the positions on the host would break the graph.
     """
-    checked = DEVICE_CHECKS or _CHECKED.get()
-    if pos.numel() == 0 or torch.compiler.is_compiling() or (pos.device.type != "cpu" and not checked):
+    if pos.numel() == 0 or torch.compiler.is_compiling():  # before the ContextVar: dynamo cannot trace it
+        return
+    if pos.device.type != "cpu" and not (DEVICE_CHECKS or _CHECKED.get()):
         return
     low, high = int(pos.min()), int(pos.max())
     if low < 0 or high >= capacity:
