@@ -305,7 +305,9 @@ def _require(condition: bool, reason: str, key: str | None, fix: str) -> None:
         raise Fallback(reason, key, fix=fix)
 
 
-def _check_model(model: Any) -> ForwardSpec:
+def _check_model(model: Any) -> tuple[ForwardSpec, list[str]]:
+    """The forward's spelling, and the kinds of state of the cache the loop would build (the closed
+    world's answer, reused for the call's cache decisions)."""
     param = next(iter(model.parameters()), None)
     if param is None or param.device.type != "xla":
         where = None if param is None else param.device
@@ -363,12 +365,13 @@ def _check_model(model: Any) -> ForwardSpec:
         f"own-generate:{type(model).__name__}",
         f"{_NOT_OURS}: its class has a generate of its own.",
     )
-    _check_state(model, _model_cache_kinds(model))
+    kinds = _model_cache_kinds(model)
+    _check_state(model, kinds)
     model_type = getattr(config, "model_type", None)
     measured = families.MEASURED_REFUSED.get(str(model_type))
     reason = f"{type(model).__name__}: {measured}"
     _require(measured is None, reason, f"measured:{model_type}", families.refusal_fix())
-    return spec  # type: ignore[return-value]
+    return spec, kinds  # type: ignore[return-value]
 
 
 def _model_cache_kinds(model: Any) -> list[str]:
@@ -376,13 +379,6 @@ def _model_cache_kinds(model: Any) -> list[str]:
     from xla_cache_patch.fastgen import multimodal
 
     return compat.current().model_cache_kinds(multimodal.cache_config(model.config))
-
-
-def _holds_recurrent(model: Any, cache: Any | None) -> bool:
-    """Does the call's cache (the user's, else the one the loop builds) hold recurrent state?"""
-    adapter = compat.current()
-    kinds = adapter.cache_kinds(cache) if cache is not None else _model_cache_kinds(model)
-    return families.holds_recurrent(kinds)
 
 
 def _check_state(model: Any, kinds: list[str]) -> None:
@@ -756,9 +752,9 @@ def _check_era_static_cache(model: Any) -> None:
     )
 
 
-def _check_user_cache(model: Any, cache: Any, batch: int) -> None:
+def _check_user_cache(model: Any, cache: Any, kinds: list[str], batch: int) -> None:
     adapter = compat.current()
-    _check_state(model, adapter.cache_kinds(cache))
+    _check_state(model, kinds)
     tensors = adapter.cache_buffers(cache) + adapter.recurrent_states(cache)
     _require(
         all(t.device.type == "xla" for t in tensors),
@@ -1024,7 +1020,7 @@ def plan_request(
     model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: Options, policy: bool | str = True
 ) -> Plan:
     """Build the Plan, or raise Fallback with the reason this call must use transformers' generate."""
-    spec = _check_model(model)
+    spec, kinds = _check_model(model)
     _require(
         not torch.is_inference_mode_enabled(),
         "generate under torch.inference_mode() on XLA",
@@ -1107,9 +1103,11 @@ def plan_request(
     logits = _pipeline(model, config, cpu_ids, mask)
     stop_strings = _stop_strings(config, hooks.tokenizer, eos)
     held = 0
-    recurrent = _holds_recurrent(model, cache)
+    if cache is not None:  # the call's cache is the user's: its own kinds
+        kinds = compat.current().cache_kinds(cache)
+    recurrent = families.holds_recurrent(kinds)
     if cache is not None:
-        _check_user_cache(model, cache, cpu_ids.shape[0])
+        _check_user_cache(model, cache, kinds, cpu_ids.shape[0])
         held = read_cache_length(cache)
         _require(
             not (held and recurrent),
