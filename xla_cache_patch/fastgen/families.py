@@ -96,7 +96,7 @@ MEASURED_REFUSED = {
     "for them)",
 }
 
-_STATE_FIX = (
+REFUSAL_FIX = (
     "Nothing to change in the call: transformers' own loop runs this model (one XLA graph per step); "
     "docs/models.md lists the model classes the fast path runs"
 )
@@ -175,7 +175,3 @@ def own_cache_classes(model_cls: type) -> list[str]:
         for value in vars(module).values()
         if isinstance(value, type) and value.__module__ == module.__name__ and issubclass(value, bases)
     )
-
-
-def refusal_fix() -> str:
-    return _STATE_FIX

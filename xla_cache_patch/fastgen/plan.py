@@ -370,7 +370,7 @@ def _check_model(model: Any) -> tuple[ForwardSpec, list[str]]:
     model_type = getattr(config, "model_type", None)
     measured = families.MEASURED_REFUSED.get(str(model_type))
     reason = f"{type(model).__name__}: {measured}"
-    _require(measured is None, reason, f"measured:{model_type}", families.refusal_fix())
+    _require(measured is None, reason, f"measured:{model_type}", families.REFUSAL_FIX)
     return spec, kinds  # type: ignore[return-value]
 
 
@@ -384,7 +384,7 @@ def _model_cache_kinds(model: Any) -> list[str]:
 def _check_state(model: Any, kinds: list[str]) -> None:
     """The closed world: every kind of state the model's cache holds is one the loop runs."""
     reason = families.unknown_state(model, kinds)
-    _require(reason is None, str(reason), f"model-state:{type(model).__name__}", families.refusal_fix())
+    _require(reason is None, str(reason), f"model-state:{type(model).__name__}", families.REFUSAL_FIX)
 
 
 def _check_multimodal(model: Any) -> None:
